@@ -1,0 +1,81 @@
+//! The HTTP application: which routes exist, and the middleware every request passes through.
+//!
+//! To add a feature, write its `routes()` (an `OpenApiRouter`, so its operations join the
+//! OpenAPI document) and merge it in [`routes`].
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use sqlx::PgPool;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::config::HttpConfig;
+use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
+use crate::shutdown::Readiness;
+use crate::{health, metrics, openapi, problem, request_id, request_log, security_headers};
+
+/// What handlers share. Cheap to clone: every field is a handle.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub readiness: Readiness,
+}
+
+/// Every public route. Merge a new feature's router here; its operations join the document.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base()).merge(health::routes())
+}
+
+fn split(routes: OpenApiRouter<AppState>) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = routes.split_for_parts();
+    openapi::add_shared_responses(&mut doc);
+    (router, doc)
+}
+
+/// The public listener's whole application: routes, docs, and the middleware stack.
+pub fn public_router(state: AppState, http: &HttpConfig) -> Router {
+    let (routes, doc) = split(routes());
+    with_middleware(
+        routes.with_state(state).merge(openapi::docs_routes(doc)),
+        http,
+    )
+}
+
+/// The OpenAPI document alone, for the `openapi` subcommand and the drift test; needs no database.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    split(routes()).1
+}
+
+/// Wraps `router` in the stack every public request passes through, outermost first. Exposed so
+/// tests can put extra routes (one that panics, say) behind exactly the same stack.
+pub fn with_middleware(router: Router, http: &HttpConfig) -> Router {
+    // The fallback is added before `layer` so that unknown paths get the same middleware.
+    router.fallback(problem::not_found).layer(
+        ServiceBuilder::new()
+            .map_request(request_id::drop_insane_request_id)
+            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+            .layer(axum::middleware::from_fn(request_log::log_request))
+            .layer(axum::middleware::from_fn(metrics::track_requests))
+            .map_response(security_headers::set_defaults)
+            .layer(axum::middleware::from_fn(problem::render))
+            .layer(CatchPanicLayer::custom(problem::from_panic))
+            // tower-http's limit covers every body, streamed or buffered; axum's own default
+            // (2 MB, extractors only) is switched off so there is one number to configure.
+            .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+            .layer(DefaultBodyLimit::disable()),
+    )
+}
+
+/// The admin listener's application: metrics, and the operations endpoints the service grows.
+pub fn admin_router() -> Router {
+    metrics::admin_routes().fallback(problem::not_found).layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+            .layer(axum::middleware::from_fn(problem::render)),
+    )
+}

@@ -1,0 +1,321 @@
+//! Configuration from the environment (twelve-factor), parsed once at start-up.
+//!
+//! Prevents: a service that starts with a mistyped or missing setting and fails later, on the first
+//! request that needs it. Every variable is parsed here into a typed value; every bad one is
+//! reported at once, by the name of the variable the operator has to fix, and the process exits.
+//!
+//! Hand-written rather than built on `envy` or `config`: those report serde field names instead of
+//! variable names, and the whole parser is one page. Every variable is listed in `.env.example`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public API listener (`API_ADDR`).
+    pub api_addr: SocketAddr,
+    /// Admin listener for metrics and operations (`ADMIN_ADDR`); keep it off the public network.
+    pub admin_addr: SocketAddr,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `DATABASE_URL`; secret because it usually carries the password.
+    pub url: SecretString,
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before it gets a 503.
+    pub acquire_timeout: Duration,
+    /// Server-side cap on any single statement, so a runaway query cannot hold a connection.
+    pub statement_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive such as `info` or `info,sqlx=warn` (`RUST_LOG`).
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// Human-readable, for a terminal.
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted, in bytes (`MAX_BODY_BYTES`); larger bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// Time between failing readiness and closing the listeners, so load balancers stop sending
+    /// new requests first (`SHUTDOWN_READINESS_DELAY_SECS`).
+    pub readiness_delay: Duration,
+    /// Longest time in-flight requests get to finish once the listeners close
+    /// (`SHUTDOWN_GRACE_PERIOD_SECS`). Keep readiness delay + grace below the orchestrator's kill
+    /// timeout (30 s by default in Kubernetes).
+    pub grace_period: Duration,
+}
+
+/// Every variable that failed to parse, by name.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    problems: Vec<(&'static str, String)>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for (variable, reason) in &self.problems {
+            writeln!(f, "  {variable}: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    /// The names of the variables that failed, for tests and callers that want to act on them.
+    pub fn variables(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.problems.iter().map(|(variable, _)| *variable)
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Parses from any source of variables; tests pass a map instead of mutating the process
+    /// environment.
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut env = Reader {
+            lookup: &lookup,
+            problems: Vec::new(),
+        };
+
+        let api_addr = env.parse_or("API_ADDR", "0.0.0.0:{{api_port}}");
+        let admin_addr = env.parse_or("ADMIN_ADDR", "127.0.0.1:{{admin_port}}");
+        let database_url = env.required("DATABASE_URL");
+        let max_connections = env.parse_in_range("DATABASE_MAX_CONNECTIONS", 10, 1..=1000);
+        let acquire_timeout = env.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 3_000);
+        let statement_timeout = env.millis("DATABASE_STATEMENT_TIMEOUT_MS", 5_000);
+        let log_filter = env.log_filter("RUST_LOG", "info");
+        let log_format = env.log_format("LOG_FORMAT");
+        let max_body_bytes =
+            env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
+        let readiness_delay = env.seconds("SHUTDOWN_READINESS_DELAY_SECS", 5);
+        let grace_period = env.seconds("SHUTDOWN_GRACE_PERIOD_SECS", 20);
+
+        let (
+            Some(api_addr),
+            Some(admin_addr),
+            Some(database_url),
+            Some(max_connections),
+            Some(acquire_timeout),
+            Some(statement_timeout),
+            Some(log_filter),
+            Some(log_format),
+            Some(max_body_bytes),
+            Some(readiness_delay),
+            Some(grace_period),
+        ) = (
+            api_addr,
+            admin_addr,
+            database_url,
+            max_connections,
+            acquire_timeout,
+            statement_timeout,
+            log_filter,
+            log_format,
+            max_body_bytes,
+            readiness_delay,
+            grace_period,
+        )
+        else {
+            return Err(ConfigError {
+                problems: env.problems,
+            });
+        };
+        Ok(Config {
+            api_addr,
+            admin_addr,
+            database: DatabaseConfig {
+                url: SecretString::from(database_url),
+                max_connections,
+                acquire_timeout,
+                statement_timeout,
+            },
+            log: LogConfig {
+                filter: log_filter,
+                format: log_format,
+            },
+            http: HttpConfig { max_body_bytes },
+            shutdown: ShutdownConfig {
+                readiness_delay,
+                grace_period,
+            },
+        })
+    }
+}
+
+/// Reads variables and collects every failure instead of stopping at the first one: a failed
+/// variable yields `None` and a recorded problem.
+struct Reader<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<(&'static str, String)>,
+}
+
+impl Reader<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    fn fail<T>(&mut self, name: &'static str, reason: String) -> Option<T> {
+        self.problems.push((name, reason));
+        None
+    }
+
+    fn required(&mut self, name: &'static str) -> Option<String> {
+        match self.get(name) {
+            Some(value) => Some(value),
+            None => self.fail(name, "is required but not set".into()),
+        }
+    }
+
+    fn parse_or<T>(&mut self, name: &'static str, default: &str) -> Option<T>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let raw = self.get(name).unwrap_or_else(|| default.to_owned());
+        match raw.trim().parse() {
+            Ok(value) => Some(value),
+            Err(error) => self.fail(name, format!("cannot parse {raw:?}: {error}")),
+        }
+    }
+
+    fn parse_in_range<T>(
+        &mut self,
+        name: &'static str,
+        default: T,
+        range: RangeInclusive<T>,
+    ) -> Option<T>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+        T::Err: fmt::Display,
+    {
+        let value: T = self.parse_or(name, &default.to_string())?;
+        if range.contains(&value) {
+            Some(value)
+        } else {
+            self.fail(
+                name,
+                format!("{value} is outside {}..={}", range.start(), range.end()),
+            )
+        }
+    }
+
+    fn millis(&mut self, name: &'static str, default: u64) -> Option<Duration> {
+        self.parse_in_range(name, default, 1..=600_000)
+            .map(Duration::from_millis)
+    }
+
+    fn seconds(&mut self, name: &'static str, default: u64) -> Option<Duration> {
+        self.parse_in_range(name, default, 0..=600)
+            .map(Duration::from_secs)
+    }
+
+    fn log_filter(&mut self, name: &'static str, default: &str) -> Option<String> {
+        let filter = self.get(name).unwrap_or_else(|| default.to_owned());
+        match tracing_subscriber::EnvFilter::try_new(&filter) {
+            Ok(_) => Some(filter),
+            Err(error) => self.fail(name, format!("not a valid filter: {error}")),
+        }
+    }
+
+    fn log_format(&mut self, name: &'static str) -> Option<LogFormat> {
+        match self.get(name).as_deref().map(str::trim) {
+            None | Some("json") => Some(LogFormat::Json),
+            Some("pretty") => Some(LogFormat::Pretty),
+            Some(other) => self.fail(name, format!("{other:?} is not one of: json, pretty")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_database_is_given() {
+        let config =
+            Config::from_map(&vars(&[("DATABASE_URL", "postgres://localhost/app")])).unwrap();
+        assert_eq!(config.database.max_connections, 10);
+        assert_eq!(config.http.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(
+            config.admin_addr.ip().is_loopback(),
+            "admin listener must default to loopback"
+        );
+    }
+
+    #[test]
+    fn every_bad_variable_is_named_at_once() {
+        let error = Config::from_map(&vars(&[
+            ("API_ADDR", "not-an-address"),
+            ("DATABASE_MAX_CONNECTIONS", "0"),
+            ("LOG_FORMAT", "xml"),
+            ("RUST_LOG", "info,[=bad"),
+        ]))
+        .unwrap_err();
+        let mut named: Vec<_> = error.variables().collect();
+        named.sort();
+        assert_eq!(
+            named,
+            [
+                "API_ADDR",
+                "DATABASE_MAX_CONNECTIONS",
+                "DATABASE_URL",
+                "LOG_FORMAT",
+                "RUST_LOG"
+            ]
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("API_ADDR: cannot parse \"not-an-address\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_database_url_never_appears_in_debug_output() {
+        let config =
+            Config::from_map(&vars(&[("DATABASE_URL", "postgres://u:hunter2@db/app")])).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,52 @@
+//! Request extractors whose rejections are [`Problem`]s.
+//!
+//! Prevents: axum's own rejections answering in plain text with messages clients cannot act on.
+//! Use `app::extract::{Json, Path}` in handlers instead of axum's; they behave the same on
+//! success and fail with a problem+json document that names the parameter.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::problem::{ErrorCode, Problem};
+
+/// `axum::Json`, with malformed bodies → 400 `malformed_body`, a wrong content type → 415, an
+/// oversized body → 413 and a body of the wrong shape (including unknown fields on types marked
+/// `deny_unknown_fields`) → 422 `validation_failed`.
+#[derive(Debug, Clone, Copy, Default, FromRequest)]
+#[from_request(via(axum::Json), rejection(Problem))]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+impl From<JsonRejection> for Problem {
+    fn from(rejection: JsonRejection) -> Self {
+        let code = match &rejection {
+            JsonRejection::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
+            JsonRejection::JsonDataError(_) => ErrorCode::ValidationFailed,
+            JsonRejection::JsonSyntaxError(_) => ErrorCode::MalformedBody,
+            // Reading the body failed; the only cause a client controls is its size.
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            _ => ErrorCode::MalformedBody,
+        };
+        // serde's message names the field and position, and never echoes the whole body.
+        Problem::new(code, rejection.body_text())
+    }
+}
+
+/// `axum::extract::Path`; an unparsable path parameter → 400 `invalid_parameter`.
+#[derive(Debug, Clone, Copy, Default, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(Problem))]
+pub struct Path<T>(pub T);
+
+impl From<PathRejection> for Problem {
+    fn from(rejection: PathRejection) -> Self {
+        Problem::new(ErrorCode::InvalidParameter, rejection.body_text())
+    }
+}

@@ -1,0 +1,89 @@
+//! Prometheus metrics, scraped from the admin listener.
+//!
+//! Prevents: finding out about errors and latency from users. Request duration is a histogram
+//! labelled by method, matched route template and status, so label cardinality stays bounded no
+//! matter what paths clients send (`/v1/orders/1`, `/v1/orders/2`, … are one series).
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUEST_DURATION: &str = "http_server_request_duration_seconds";
+
+/// The OpenTelemetry HTTP semantic-convention buckets, in seconds.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// Installs the process-wide recorder once and returns its handle; later calls (several apps in
+/// one test process) share it.
+pub fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(REQUEST_DURATION.to_owned()),
+                    &DURATION_BUCKETS,
+                )
+                .expect("the bucket list is a non-empty constant");
+            let handle = builder
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of HTTP requests on the public listener, by method, route template and status."
+    );
+}
+
+/// Records the request-duration histogram. Added with `Router::layer`, which wraps each route, so
+/// the matched route template is already known here.
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = crate::request_log::route_of(&request);
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!(REQUEST_DURATION, "method" => method, "route" => route, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics` in the Prometheus text format, for the admin listener only.
+pub fn admin_routes() -> Router {
+    let handle = recorder();
+    // Histograms buffer samples until upkeep folds them in; without it memory grows between scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Router::new()
+        .route("/metrics", get(render))
+        .with_state(handle)
+}
+
+async fn render(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}

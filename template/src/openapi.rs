@@ -1,0 +1,144 @@
+//! The OpenAPI 3.1 document, generated from the code, and the interactive docs served from the
+//! binary.
+//!
+//! Prevents: a hand-written spec that drifts from the routes, and docs that need the internet.
+//! Routes register themselves through utoipa-axum's `OpenApiRouter`, so a route cannot exist
+//! without its operation; the responses every route shares (problem documents for malformed
+//! bodies, unknown ids, panics …) are added here once instead of on every handler. The committed
+//! `openapi.json` is compared with this document by a test.
+
+use axum::Router;
+use axum::http::{HeaderValue, header};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::{Content, Ref, ResponseBuilder};
+use utoipa_swagger_ui::{Config, SwaggerUi};
+
+use crate::problem::{ErrorCode, FieldError, PROBLEM_JSON, ProblemDocument};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(description = "Every error is an RFC 9457 problem document (`application/problem+json`) \
+        with a stable `code` and the `request_id`; the codes are listed at `/docs/errors`. \
+        Unknown routes answer 404 and known routes called with another method answer 405 with \
+        `Allow`, both as problem documents."),
+    tags((name = "operations", description = "Health probes for orchestrators and load balancers.")),
+    components(schemas(ProblemDocument, FieldError, ErrorCode)),
+)]
+struct ApiDoc;
+
+/// The document's skeleton, before routes add their operations.
+pub fn base() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// Adds to every operation the problem responses it can produce without saying so itself.
+pub fn add_shared_responses(doc: &mut utoipa::openapi::OpenApi) {
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+            &mut item.options,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let takes_body = operation.request_body.is_some();
+            let takes_path_parameters = operation
+                .parameters
+                .iter()
+                .flatten()
+                .any(|parameter| matches!(parameter, utoipa::openapi::RefOr::T(p) if p.parameter_in == ParameterIn::Path));
+            if takes_body {
+                add_problem(operation, ErrorCode::MalformedBody);
+                add_problem(operation, ErrorCode::PayloadTooLarge);
+                add_problem(operation, ErrorCode::UnsupportedMediaType);
+                add_problem(operation, ErrorCode::ValidationFailed);
+            }
+            if takes_path_parameters {
+                add_problem(operation, ErrorCode::InvalidParameter);
+                add_problem(operation, ErrorCode::NotFound);
+            }
+            add_problem(operation, ErrorCode::InternalError);
+        }
+    }
+}
+
+/// Adds a response for `code`'s status unless the operation documents that status already; when
+/// two codes share a status, the first added describes it and the second is appended.
+fn add_problem(operation: &mut Operation, code: ErrorCode) {
+    let status = code.status().as_u16().to_string();
+    let line = format!("`{}`: {}", code.as_str(), code.meaning());
+    let responses = &mut operation.responses.responses;
+    match responses.get_mut(&status) {
+        Some(utoipa::openapi::RefOr::T(existing)) => {
+            if !existing.description.contains(code.as_str()) {
+                existing.description = format!("{}\n\n{line}", existing.description);
+            }
+        }
+        Some(utoipa::openapi::RefOr::Ref(_)) => {}
+        None => {
+            let response = ResponseBuilder::new()
+                .description(line)
+                .content(
+                    PROBLEM_JSON,
+                    Content::new(Some(Ref::from_schema_name("ProblemDocument"))),
+                )
+                .build();
+            responses.insert(status, response.into());
+        }
+    }
+}
+
+/// `/openapi.json`, `/docs` (Swagger UI, assets inside the binary) and `/docs/errors`.
+pub fn docs_routes(doc: utoipa::openapi::OpenApi) -> Router {
+    // Without `validator_url("none")` the page sends the whole spec to swagger.io.
+    let config = Config::new(["/openapi.json"]).validator_url("none");
+    let swagger: Router = SwaggerUi::new("/docs")
+        .url("/openapi.json", doc)
+        .config(config)
+        .into();
+    let swagger = swagger.layer(axum::middleware::map_response(allow_docs_page_assets));
+    Router::new()
+        .route("/docs/errors", get(error_catalogue))
+        .merge(swagger)
+}
+
+/// Swagger UI loads its own scripts, styles and inline images, which the API-wide content policy
+/// forbids.
+async fn allow_docs_page_assets(
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    response
+}
+
+/// The error catalogue that every problem's `type` links to, built from [`ErrorCode`] so it can
+/// never list a code the service does not have.
+async fn error_catalogue() -> impl IntoResponse {
+    let mut rows = String::new();
+    for code in ErrorCode::ALL {
+        rows.push_str(&format!(
+            "<tr id=\"{id}\"><td>{status}</td><td><code>{id}</code></td><td>{title}</td><td>{meaning}</td></tr>\n",
+            id = code.as_str(),
+            status = code.status().as_u16(),
+            title = code.title(),
+            meaning = code.meaning().replace('`', ""),
+        ));
+    }
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Error codes</title></head><body>\
+         <h1>Error codes</h1><p>Every error response is an RFC 9457 problem document whose <code>code</code> is one of these.</p>\
+         <table><thead><tr><th>Status</th><th>Code</th><th>Title</th><th>Meaning</th></tr></thead><tbody>\n{rows}</tbody></table></body></html>"
+    ))
+}

@@ -1,0 +1,346 @@
+//! One error type for the whole service, rendered as RFC 9457 `application/problem+json`.
+//!
+//! Prevents: clients that must parse five error shapes (axum's plain-text rejections, empty 405s,
+//! tower-http's 413, a panic's dropped connection, our own JSON), and 500 bodies that leak SQL or
+//! stack traces. Handlers return `Result<_, Problem>`; the [`render`] middleware turns every error
+//! response, ours or the framework's, into the same document carrying the request id, and logs the
+//! cause of 5xx errors under that id.
+//!
+//! The catalogue of codes is [`ErrorCode`]; `type` links to it (`/docs/errors#<code>`), served by
+//! the binary itself.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The stable, machine-readable error codes. Clients switch on these, so never rename one; add new
+/// variants instead. Each code has one HTTP status and one title.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    MalformedBody,
+    InvalidParameter,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+    InternalError,
+    ServiceUnavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::MalformedBody,
+        ErrorCode::InvalidParameter,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::ValidationFailed,
+        ErrorCode::InternalError,
+        ErrorCode::ServiceUnavailable,
+    ];
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::MalformedBody | ErrorCode::InvalidParameter => StatusCode::BAD_REQUEST,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedBody => "malformed_body",
+            ErrorCode::InvalidParameter => "invalid_parameter",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::ValidationFailed => "validation_failed",
+            ErrorCode::InternalError => "internal_error",
+            ErrorCode::ServiceUnavailable => "service_unavailable",
+        }
+    }
+
+    /// Stable per code, as RFC 9457 asks of `title`.
+    pub fn title(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedBody => "Malformed request body",
+            ErrorCode::InvalidParameter => "Invalid parameter",
+            ErrorCode::NotFound => "Not found",
+            ErrorCode::MethodNotAllowed => "Method not allowed",
+            ErrorCode::PayloadTooLarge => "Payload too large",
+            ErrorCode::UnsupportedMediaType => "Unsupported media type",
+            ErrorCode::ValidationFailed => "Validation failed",
+            ErrorCode::InternalError => "Internal error",
+            ErrorCode::ServiceUnavailable => "Service unavailable",
+        }
+    }
+
+    /// When a client sees this code; the error catalogue is built from it.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedBody => "The body is not valid JSON, or not of the expected shape.",
+            ErrorCode::InvalidParameter => "A path or query parameter cannot be parsed.",
+            ErrorCode::NotFound => {
+                "No such route, no such resource, or a resource you may not see."
+            }
+            ErrorCode::MethodNotAllowed => {
+                "The route exists but not with this method; see `Allow`."
+            }
+            ErrorCode::PayloadTooLarge => "The request body is larger than the service accepts.",
+            ErrorCode::UnsupportedMediaType => {
+                "The body's `Content-Type` is not one this route accepts."
+            }
+            ErrorCode::ValidationFailed => {
+                "One or more fields are invalid; `errors` lists every one."
+            }
+            ErrorCode::InternalError => {
+                "An unexpected failure; quote the `request_id` when reporting it."
+            }
+            ErrorCode::ServiceUnavailable => {
+                "A dependency is down or the service is overloaded; retry after `Retry-After`."
+            }
+        }
+    }
+
+    /// The code for an error response the framework produced without going through [`Problem`].
+    fn for_status(status: StatusCode) -> ErrorCode {
+        match status {
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::ValidationFailed,
+            StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ServiceUnavailable,
+            status if status.is_client_error() => ErrorCode::InvalidParameter,
+            _ => ErrorCode::InternalError,
+        }
+    }
+}
+
+/// One invalid field of a request, located by a JSON Pointer (RFC 6901) into the body, or by
+/// `/query/<name>` and `/path/<name>` for parameters.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FieldError {
+    #[schema(example = "/items/0/quantity")]
+    pub pointer: String,
+    #[schema(example = "range")]
+    pub code: Cow<'static, str>,
+    #[schema(example = "must be between 1 and 10000")]
+    pub message: Cow<'static, str>,
+}
+
+/// The wire format of every error response (RFC 9457 plus our extension members).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProblemDocument {
+    /// Link to this code's entry in the error catalogue.
+    #[serde(rename = "type")]
+    #[schema(example = "/docs/errors#not_found")]
+    pub type_: String,
+    #[schema(example = "Not found")]
+    pub title: &'static str,
+    #[schema(example = 404)]
+    pub status: u16,
+    #[schema(example = "No route matches GET /v1/nope.")]
+    pub detail: String,
+    /// The request path this problem occurred on.
+    #[schema(example = "/v1/nope")]
+    pub instance: String,
+    pub code: ErrorCode,
+    /// The same id as the `x-request-id` response header and the service's logs.
+    #[schema(example = "0193a5f2-7c1e-7aa0-8f5e-1b2c3d4e5f60")]
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// The service's error type. Build one with a constructor, return it from a handler, and the
+/// [`render`] middleware does the rest.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    code: ErrorCode,
+    detail: Cow<'static, str>,
+    errors: Vec<FieldError>,
+    /// The cause of a 5xx, logged under the request id and never sent to the client.
+    source: Option<Arc<anyhow::Error>>,
+}
+
+impl Problem {
+    pub fn new(code: ErrorCode, detail: impl Into<Cow<'static, str>>) -> Self {
+        Problem {
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// A 422 listing every failing field at once.
+    pub fn validation(errors: Vec<FieldError>) -> Self {
+        let detail = match errors.len() {
+            1 => "1 field is invalid.".to_owned(),
+            n => format!("{n} fields are invalid."),
+        };
+        Problem {
+            errors,
+            ..Problem::new(ErrorCode::ValidationFailed, detail)
+        }
+    }
+
+    /// A 500 whose cause is logged, never shown.
+    pub fn internal(cause: impl Into<anyhow::Error>) -> Self {
+        Problem {
+            source: Some(Arc::new(cause.into())),
+            ..Problem::new(ErrorCode::InternalError, "An unexpected error occurred.")
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    fn document(self, request_id: String, instance: String) -> ProblemDocument {
+        ProblemDocument {
+            type_: format!("/docs/errors#{}", self.code.as_str()),
+            title: self.code.title(),
+            status: self.code.status().as_u16(),
+            detail: self.detail.into_owned(),
+            instance,
+            code: self.code,
+            request_id,
+            errors: self.errors,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            // The pool could not hand out a connection in time: the database is down or saturated.
+            // Tell the client to come back rather than calling it our bug.
+            sqlx::Error::PoolTimedOut => Problem {
+                source: Some(Arc::new(error.into())),
+                ..Problem::new(
+                    ErrorCode::ServiceUnavailable,
+                    "The database is unavailable; retry later.",
+                )
+            },
+            error => Problem::internal(error),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    /// The body is written by [`render`], which knows the request id and path; here the problem
+    /// only travels in the response extensions.
+    fn into_response(self) -> Response {
+        let mut response = self.code.status().into_response();
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+/// How long a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("1");
+
+/// Middleware that writes the problem document for every error response. It must wrap every other
+/// layer that can produce an error (routing, body limit, panic catcher) and sit inside the
+/// request-id layer.
+pub async fn render(request: Request, next: Next) -> Response {
+    let instance = request.uri().path().to_owned();
+    let request_id = crate::request_id::of(&request).to_owned();
+
+    let mut response = next.run(request).await;
+    let problem = match response.extensions_mut().remove::<Problem>() {
+        Some(problem) => problem,
+        None if is_unrendered_error(&response) => {
+            let status = response.status();
+            let code = ErrorCode::for_status(status);
+            let detail = match code {
+                ErrorCode::NotFound => "No route or resource matches this path.".to_owned(),
+                ErrorCode::MethodNotAllowed => {
+                    "This route does not accept this method; see the Allow header.".to_owned()
+                }
+                ErrorCode::PayloadTooLarge => "The request body is too large.".to_owned(),
+                _ => status.canonical_reason().unwrap_or("Error").to_owned(),
+            };
+            Problem::new(code, detail)
+        }
+        None => return response,
+    };
+
+    if let Some(cause) = &problem.source {
+        tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");
+    }
+    let code = problem.code;
+    let body = match serde_json::to_vec(&problem.document(request_id, instance)) {
+        Ok(body) => body,
+        Err(error) => {
+            tracing::error!(%error, "cannot serialize a problem document");
+            Vec::new()
+        }
+    };
+
+    // Keep the framework's headers (such as `Allow` on a 405) but not the ones describing its body.
+    let (mut parts, _) = response.into_parts();
+    parts.status = code.status();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if code == ErrorCode::ServiceUnavailable {
+        parts
+            .headers
+            .entry(header::RETRY_AFTER)
+            .or_insert(RETRY_AFTER_SECONDS);
+    }
+    parts.extensions.insert(code);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// An error response that did not come from [`Problem`]: axum's 404/405, tower-http's 413 and the
+/// like. Responses that already carry a JSON document (a health report) are left alone.
+fn is_unrendered_error(response: &Response) -> bool {
+    let is_error = response.status().is_client_error() || response.status().is_server_error();
+    let is_json_document = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/") && value.contains("json"));
+    is_error && !is_json_document
+}
+
+/// 404 for every path no route matches.
+pub async fn not_found() -> Problem {
+    Problem::new(
+        ErrorCode::NotFound,
+        "No route or resource matches this path.",
+    )
+}
+
+/// Turns a panic caught by `CatchPanicLayer` into a 500 problem; the panic message is logged by
+/// [`render`] under the request id and never sent.
+pub fn from_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    Problem::internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
+}

@@ -1,0 +1,58 @@
+//! One structured log line per request, and a span that every log line of the request inherits.
+//!
+//! Prevents: requests you cannot find or correlate. Every line written while a request is handled
+//! carries its `request_id`; the closing `request` line adds method, matched route, status,
+//! latency and, for errors, the problem `code`, so a dashboard can be built on the logs alone.
+//! Hand-written rather than tower-http's `TraceLayer` because that layer cannot see the matched
+//! route template or our error code, which are the fields worth searching on.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+use crate::problem::ErrorCode;
+
+/// Route label for requests no route matched; a fixed value keeps log and metric labels bounded.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The matched route template (`/v1/orders/{id}`), never the raw path.
+pub fn route_of(request: &Request) -> String {
+    request.extensions().get::<MatchedPath>().map_or_else(
+        || UNMATCHED_ROUTE.to_owned(),
+        |path| path.as_str().to_owned(),
+    )
+}
+
+pub async fn log_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = route_of(&request);
+    let span = tracing::info_span!(
+        "request",
+        request_id = crate::request_id::of(&request),
+        method = %method,
+        route = %route,
+    );
+
+    let response = next.run(request).instrument(span.clone()).await;
+
+    let status = response.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let error_code = response
+        .extensions()
+        .get::<ErrorCode>()
+        .map(|code| code.as_str());
+    // Errors are problems we rendered; a failing health report (503 while shutting down) is an
+    // answer, not an error, and is logged as one.
+    span.in_scope(|| match error_code {
+        Some(code) if response.status().is_server_error() => {
+            tracing::error!(status, latency_ms, error_code = code, "request")
+        }
+        Some(code) => tracing::warn!(status, latency_ms, error_code = code, "request"),
+        None => tracing::info!(status, latency_ms, "request"),
+    });
+    response
+}

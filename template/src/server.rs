@@ -1,0 +1,89 @@
+//! The `serve` process: two listeners (public API and admin) and their shutdown.
+//!
+//! The admin listener is a separate address so that metrics and operations endpoints are never
+//! reachable through the public load balancer, whatever its routing rules.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::Router;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+use crate::app::{self, AppState};
+use crate::config::{Config, ShutdownConfig};
+use crate::shutdown::{self, Readiness};
+
+/// A bound but not yet running server. Binding first lets callers (tests, port 0) learn the
+/// addresses before requests start.
+pub struct Application {
+    api_listener: TcpListener,
+    admin_listener: TcpListener,
+    api: Router,
+    admin: Router,
+    readiness: Readiness,
+    shutdown: ShutdownConfig,
+}
+
+impl Application {
+    pub async fn build(config: &Config, db: PgPool) -> anyhow::Result<Self> {
+        let api_listener = TcpListener::bind(config.api_addr)
+            .await
+            .with_context(|| format!("cannot listen on API_ADDR {}", config.api_addr))?;
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
+        let readiness = Readiness::default();
+        let state = AppState {
+            db,
+            readiness: readiness.clone(),
+        };
+        Ok(Application {
+            api_listener,
+            admin_listener,
+            api: app::public_router(state, &config.http),
+            admin: app::admin_router(),
+            readiness,
+            shutdown: config.shutdown.clone(),
+        })
+    }
+
+    pub fn api_addr(&self) -> std::io::Result<SocketAddr> {
+        self.api_listener.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin_listener.local_addr()
+    }
+
+    /// Serves until `trigger` resolves, then shuts down gracefully (see [`shutdown`]).
+    pub async fn run_until(
+        self,
+        trigger: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(api_addr = %self.api_addr()?, admin_addr = %self.admin_addr()?, "listening");
+        let stop_accepting = shutdown::sequence(trigger, self.readiness, &self.shutdown);
+        let api = axum::serve(self.api_listener, self.api)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let admin = axum::serve(self.admin_listener, self.admin)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let drained = async { tokio::try_join!(api.into_future(), admin.into_future()) };
+        let grace_over = async {
+            stop_accepting.cancelled().await;
+            tokio::time::sleep(self.shutdown.grace_period).await;
+        };
+        tokio::select! {
+            result = drained => {
+                result.context("server error")?;
+                tracing::info!("all requests drained; stopped");
+            }
+            () = grace_over => {
+                tracing::warn!(
+                    grace_secs = self.shutdown.grace_period.as_secs(),
+                    "grace period over with requests still in flight; stopping anyway"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! The binary itself, run as a separate process: configuration errors (D1), `migrate` (D2),
+//! `create-user` (S3, S6), structured request logs (O1), and SIGTERM handling (R5).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdout};
+
+use crate::harness::{client, command, url_of};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+#[tokio::test]
+async fn bad_configuration_exits_non_zero_naming_each_variable() {
+    let output = command(
+        &["serve"],
+        &[("API_ADDR", "not-an-address"), ("MAX_BODY_BYTES", "-1")],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for variable in ["API_ADDR", "MAX_BODY_BYTES", "DATABASE_URL"] {
+        assert!(stderr.contains(variable), "{variable} named in: {stderr}");
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_creates_the_schema_and_is_idempotent(db: PgPool) {
+    let url = url_of(&db);
+    for _ in 0..2 {
+        let output = command(&["migrate"], &[("DATABASE_URL", &url)])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(users, 0);
+}
+
+async fn create_user(
+    url: &str,
+    email: &str,
+    password_env: Option<&str>,
+    stdin: &str,
+) -> std::process::Output {
+    let mut vars = vec![("DATABASE_URL", url)];
+    if let Some(password) = password_env {
+        vars.push(("CREATE_USER_PASSWORD", password));
+    }
+    let mut child = command(&["create-user", "--email", email, "--role", "admin"], &vars)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+#[sqlx::test]
+async fn create_user_reads_the_password_from_stdin_and_stores_only_an_argon2id_hash(db: PgPool) {
+    let url = url_of(&db);
+    let output = create_user(&url, "Ann@Example.com", None, &format!("{PASSWORD}\n")).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let logs = String::from_utf8_lossy(&output.stdout);
+    assert!(!logs.contains(PASSWORD), "the password is never logged");
+
+    let (email, hash, role): (String, String, String) =
+        sqlx::query_as("SELECT email, password_hash, role FROM users")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(email, "ann@example.com");
+    assert_eq!(role, "admin");
+    assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+    assert!(!hash.contains(PASSWORD));
+
+    let duplicate = create_user(&url, "ann@example.com", Some(PASSWORD), "").await;
+    assert!(!duplicate.status.success());
+    assert!(String::from_utf8_lossy(&duplicate.stderr).contains("already exists"));
+
+    let weak = create_user(&url, "bob@example.com", Some("short"), "").await;
+    assert!(!weak.status.success());
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("password"));
+
+    let from_env = create_user(&url, "carol@example.com", Some(PASSWORD), "").await;
+    assert!(
+        from_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_env.stderr)
+    );
+}
+
+/// Reads JSON log lines until one satisfies `wanted`, within `limit`.
+async fn next_log_line(
+    lines: &mut tokio::io::Lines<BufReader<ChildStdout>>,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("the process is still logging");
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+                panic!("not a JSON log line: {line}")
+            };
+            if wanted(&entry) {
+                return entry;
+            }
+        }
+    })
+    .await
+    .expect("the log line appears in time")
+}
+
+fn terminate(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[sqlx::test]
+async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: PgPool) {
+    let url = url_of(&db);
+    let mut child = command(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &url),
+            ("API_ADDR", "127.0.0.1:0"),
+            ("ADMIN_ADDR", "127.0.0.1:0"),
+            ("SHUTDOWN_READINESS_DELAY_SECS", "1"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+
+    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
+    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    let client = client();
+
+    let response = client
+        .get(format!("{api}/no/such/route"))
+        .header("x-request-id", "log-test-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let line = next_log_line(&mut logs, |line| line["message"] == "request").await;
+    assert_eq!(line["span"]["request_id"], "log-test-1");
+    assert_eq!(line["span"]["method"], "GET");
+    assert_eq!(line["span"]["route"], "unmatched");
+    assert_eq!(line["status"], 404);
+    assert_eq!(line["error_code"], "not_found");
+    assert!(line["latency_ms"].is_number());
+    assert_eq!(line["level"], "WARN");
+
+    terminate(&child);
+    next_log_line(&mut logs, |line| {
+        line["message"] == "shutdown requested: readiness now fails"
+    })
+    .await;
+    let ready = client.get(format!("{api}/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        503,
+        "readiness fails while the listener still serves"
+    );
+
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[sqlx::test]
+async fn the_worker_starts_and_stops_cleanly_on_sigterm(db: PgPool) {
+    let url = url_of(&db);
+    let mut child = command(&["worker"], &[("DATABASE_URL", &url)])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    next_log_line(&mut logs, |line| {
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("worker started"))
+    })
+    .await;
+    terminate(&child);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn the_openapi_subcommand_prints_the_document_without_configuration() {
+    let output = command(&["openapi"], &[]).output().await.unwrap();
+    assert!(output.status.success());
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::to_value(app::app::openapi_document()).unwrap()
+    );
+}

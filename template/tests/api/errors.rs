@@ -1,0 +1,213 @@
+//! Every error, ours or the framework's, is the same problem+json document (E1–E3, V3, V4).
+
+use app::config::HttpConfig;
+use app::extract::{Json, Path};
+use axum::Router;
+use axum::routing::{get, post};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::harness::{TestApp, client, serve};
+
+/// Reads a problem document and checks the members every problem must have.
+async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert_eq!(body["type"], format!("/docs/errors#{code}"), "{body}");
+    assert!(
+        body["title"].as_str().is_some_and(|t| !t.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    assert_eq!(
+        body["request_id"], request_id,
+        "the body and the header carry the same id"
+    );
+    body
+}
+
+#[sqlx::test]
+async fn an_unknown_route_is_a_404_problem(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let body = problem(
+        app.get("/v1/nothing/here").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    assert_eq!(body["instance"], "/v1/nothing/here");
+}
+
+#[sqlx::test]
+async fn a_wrong_method_is_a_405_problem_with_allow(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let response = app
+        .client
+        .delete(format!("{}/livez", app.api))
+        .send()
+        .await
+        .unwrap();
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET"), "{allow}");
+    problem(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Widget {
+    name: String,
+    size: u8,
+}
+
+async fn panics() -> &'static str {
+    panic!("secret detail: connection string postgres://u:p@db")
+}
+
+/// Routes that exist only here, behind exactly the production middleware stack.
+async fn test_routes(max_body_bytes: usize) -> String {
+    let routes = Router::new()
+        .route(
+            "/widgets",
+            post(|Json(widget): Json<Widget>| async move { format!("{widget:?}") }),
+        )
+        .route(
+            "/widgets/{id}",
+            get(|Path(id): Path<Uuid>| async move { id.to_string() }),
+        )
+        .route("/panic", get(panics));
+    serve(app::app::with_middleware(
+        routes,
+        &HttpConfig { max_body_bytes },
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn framework_rejections_become_problems() {
+    let base = test_routes(1024).await;
+    let client = client();
+    let post = |body: &'static str, content_type: &'static str| {
+        client
+            .post(format!("{base}/widgets"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+
+    let body = problem(
+        post("{not json", "application/json").await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed_body",
+    )
+    .await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("line 1"),
+        "serde's position helps the client: {body}"
+    );
+
+    problem(
+        post(r#"{"name":"a","size":1}"#, "text/plain")
+            .await
+            .unwrap(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+
+    let body = problem(
+        post(r#"{"name":"a","size":1,"admin":true}"#, "application/json")
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("admin"),
+        "the unknown field is named: {body}"
+    );
+
+    problem(
+        post(r#"{"name":"a","size":1000}"#, "application/json")
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+
+    let response = client
+        .get(format!("{base}/widgets/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::BAD_REQUEST, "invalid_parameter").await;
+
+    let ok = client
+        .get(format!("{base}/widgets/{}", Uuid::nil()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_a_413_problem() {
+    let base = test_routes(1024).await;
+    let big = format!(r#"{{"name":"{}","size":1}}"#, "x".repeat(2048));
+    let response = client()
+        .post(format!("{base}/widgets"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+}
+
+#[tokio::test]
+async fn a_panic_is_a_generic_500_problem() {
+    let base = test_routes(1024).await;
+    let response = client().get(format!("{base}/panic")).send().await.unwrap();
+    let body = problem(
+        response,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+    )
+    .await;
+    let text = body.to_string();
+    assert!(
+        !text.contains("secret") && !text.contains("postgres://"),
+        "nothing internal leaks: {text}"
+    );
+
+    // The process keeps serving after a panic.
+    let after = client()
+        .get(format!("{base}/widgets/{}", Uuid::nil()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), StatusCode::OK);
+}

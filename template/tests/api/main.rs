@@ -1,0 +1,10 @@
+//! Integration tests: the real application over real HTTP on loopback, each test with its own
+//! freshly migrated Postgres database (`#[sqlx::test]`). One binary, so the suite links once.
+
+mod harness;
+
+mod cli;
+mod errors;
+mod health;
+mod observability;
+mod openapi;

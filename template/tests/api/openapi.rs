@@ -1,0 +1,94 @@
+//! The OpenAPI document, its committed copy, and the offline docs page (C1, C2).
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::harness::TestApp;
+
+#[test]
+fn the_committed_openapi_json_matches_the_code() {
+    let generated = app::app::openapi_document().to_pretty_json().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed.trim_end() == generated.trim_end(),
+        "openapi.json is out of date; regenerate it with `cargo run -- openapi > openapi.json` and commit it"
+    );
+}
+
+#[test]
+fn every_operation_documents_its_error_responses() {
+    let doc: Value = serde_json::to_value(app::app::openapi_document()).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.contains_key("/livez") && paths.contains_key("/readyz"));
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            let internal =
+                &responses["500"]["content"]["application/problem+json"]["schema"]["$ref"];
+            assert_eq!(
+                internal, "#/components/schemas/ProblemDocument",
+                "{method} {path}"
+            );
+        }
+    }
+}
+
+#[sqlx::test]
+async fn the_served_document_is_the_generated_one(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let served: Value = app.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(
+        served,
+        serde_json::to_value(app::app::openapi_document()).unwrap()
+    );
+}
+
+#[sqlx::test]
+async fn the_docs_page_works_without_the_internet(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let page = app.get("/docs/").await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+
+    // Every asset the page references is served by the binary itself.
+    for asset in [
+        "swagger-ui.css",
+        "swagger-ui-bundle.js",
+        "swagger-initializer.js",
+    ] {
+        assert!(html.contains(asset), "{asset} referenced");
+        let response = app.get(&format!("/docs/{asset}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{asset} served");
+    }
+    let initializer = app
+        .get("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(initializer.contains("/openapi.json"));
+    assert!(
+        initializer.contains(r#""validatorUrl": "none""#)
+            || initializer.contains(r#""validatorUrl":"none""#),
+        "{initializer}"
+    );
+    assert!(
+        !html.contains("https://") && !initializer.contains("https://"),
+        "no external URLs"
+    );
+}
+
+#[sqlx::test]
+async fn every_error_code_has_a_catalogue_entry(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let page = app.get("/docs/errors").await.text().await.unwrap();
+    for code in app::problem::ErrorCode::ALL {
+        assert!(
+            page.contains(&format!("id=\"{}\"", code.as_str())),
+            "{code:?}"
+        );
+    }
+}
