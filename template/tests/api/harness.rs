@@ -53,6 +53,9 @@ pub fn url_of(db: &PgPool) -> String {
     format!("{server}/{name}")
 }
 
+/// Every user the harness creates has this password.
+pub const TEST_PASSWORD: &str = "correct horse battery staple";
+
 pub struct TestApp {
     pub api: String,
     pub admin: String,
@@ -113,21 +116,11 @@ impl TestApp {
 
     pub async fn create_user(&self, role: Role) -> TestUser {
         let email = Email::parse(&format!("{}@example.com", Uuid::now_v7())).expect("valid e-mail");
-        let password = "correct horse battery staple".to_owned();
-        let id = users::create(
-            &self.db,
-            &email,
-            role,
-            Password::parse(password.clone()).expect("valid password"),
-        )
-        .await
-        .expect("user created");
-        TestUser {
-            id,
-            email,
-            password,
-            role,
-        }
+        let password = Password::parse(TEST_PASSWORD.to_owned()).expect("valid password");
+        let id = users::create(&self.db, &email, role, password)
+            .await
+            .expect("user created");
+        TestUser { id, email, role }
     }
 }
 
@@ -135,7 +128,6 @@ impl TestApp {
 pub struct TestUser {
     pub id: Uuid,
     pub email: Email,
-    pub password: String,
     pub role: Role,
 }
 

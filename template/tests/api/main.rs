@@ -8,3 +8,4 @@ mod errors;
 mod health;
 mod observability;
 mod openapi;
+mod users;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# For template developers: after changing the template's code, dependencies or queries, refresh
+# the files that are produced from it and committed in template/: Cargo.lock, openapi.json and
+# the sqlx offline query data (.sqlx/). Renders the template, regenerates them in the rendered
+# service against a throwaway Postgres, and copies them back with the placeholders restored.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+bash "$root/scripts/install-cargo-generate.sh" >/dev/null
+bash "$root/scripts/install-sqlx-cli.sh" >/dev/null
+
+work=$(mktemp -d /tmp/template-refresh.XXXXXX)
+chmod 755 "$work"
+pg_port=${REFRESH_PGPORT:-55433}
+service="$work/acme-orders"
+trap 'PGPORT=$pg_port bash "$service/scripts/local-postgres.sh" destroy >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/refresh}
+
+cargo generate --path "$root" --name acme-orders --destination "$work" --silent >/dev/null
+cd "$service"
+cargo update --workspace --quiet
+sed 's/^name = "acme-orders"$/name = "{{project-name}}"/' Cargo.lock > "$root/template/Cargo.lock"
+
+eval "$(PGPORT=$pg_port bash scripts/local-postgres.sh start)"
+export DATABASE_URL
+sqlx migrate run
+rm -rf .sqlx
+mkdir .sqlx
+# With DATABASE_URL and SQLX_OFFLINE_DIR set, sqlx's macros describe each query against the
+# database and write its data there; cleaning the package forces every macro to run again.
+cargo clean --quiet --package acme-orders
+SQLX_OFFLINE_DIR="$PWD/.sqlx" cargo build --quiet --all-targets
+rm -rf "$root/template/.sqlx"
+cp -r .sqlx "$root/template/.sqlx"
+
+cargo run --quiet -- openapi | sed 's/"title": "acme-orders"/"title": "{{project-name}}"/' > "$root/template/openapi.json"
+echo "refreshed template/Cargo.lock, template/openapi.json and template/.sqlx"
