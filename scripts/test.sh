@@ -37,6 +37,7 @@ cleanup() {
 trap cleanup EXIT
 
 step "Rendering the template with non-default values"
+mkdir -p "$work/variant"
 cargo generate --path "$root" --name other-service --destination "$work/variant" --silent \
   --define description="Another service" --define api_port=18181 --define admin_port=19191 >/dev/null
 bash "$root/scripts/check-render.sh" "$work/variant/other-service" other-service 18181 19191
