@@ -11,7 +11,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-step() { printf '\n==> %s\n' "$*"; }
+started=$SECONDS
+step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)) "$*"; }
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export CARGO_INCREMENTAL=0
@@ -70,7 +71,9 @@ PGPORT=$pg_port API_ADDR=127.0.0.1:18080 ADMIN_ADDR=127.0.0.1:19090 \
 demo_curl=$(grep -E '^  curl ' "$work/try.log" | head -n 1)
 [ -n "$demo_curl" ] || { echo "try.sh printed no curl command" >&2; exit 1; }
 step "Running the curl that try.sh printed:$demo_curl"
-bash -c "$demo_curl --fail --silent --show-error" | tee /dev/stderr | grep -q '"status":"pass"'
+answer=$(bash -c "$demo_curl --fail --silent --show-error")
+echo "$answer"
+grep -q '"status":"pass"' <<<"$answer" || { echo "unexpected answer from the printed curl" >&2; exit 1; }
 kill "$(cat "$work/try/acme-orders/service.pid")"
 
 step "All checks passed"
