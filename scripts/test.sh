@@ -4,8 +4,8 @@
 #
 #   bash scripts/test.sh
 #
-# What it runs, in order: tool installs; a render with default values and one with every
-# placeholder changed; in the rendered service: rustfmt, clippy with warnings denied, an offline
+# What it runs, in order: tool installs; a render with every placeholder changed (`--git`) and
+# one with default values (`--path`); in the rendered service: rustfmt, clippy with warnings denied, an offline
 # build (SQLX_OFFLINE=true, no database), the offline-query check, the whole test suite against a
 # throwaway Postgres; finally the "Try it" command, end to end.
 set -euo pipefail
@@ -37,9 +37,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "Rendering the template with non-default values"
+step "Rendering the template with every placeholder changed (the --git form, from this checkout's HEAD)"
 mkdir -p "$work/variant"
-cargo generate --path "$root" --name other-service --destination "$work/variant" --silent \
+if git -C "$root" rev-parse --git-dir >/dev/null 2>&1; then source_flag=(--git "$root"); else source_flag=(--path "$root"); fi
+cargo generate "${source_flag[@]}" --name other-service --destination "$work/variant" --silent \
   --define description="Another service" --define api_port=18181 --define admin_port=19191 >/dev/null
 bash "$root/scripts/check-render.sh" "$work/variant/other-service" other-service 18181 19191
 
