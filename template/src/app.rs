@@ -3,6 +3,8 @@
 //! To add a feature, write its `routes()` (an `OpenApiRouter`, so its operations join the
 //! OpenAPI document) and merge it in [`routes`].
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use sqlx::PgPool;
@@ -12,34 +14,63 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::config::HttpConfig;
+use crate::auth::token::TokenKeys;
+use crate::config::{Config, HttpConfig};
+use crate::pagination::Cursors;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
-use crate::{health, metrics, openapi, problem, request_id, request_log, security_headers};
+use crate::{
+    auth, deprecation, health, keys, metrics, openapi, orders, problem, request_id, request_log,
+    security_headers,
+};
 
 /// What handlers share. Cheap to clone: every field is a handle.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub db: PgPool,
     pub readiness: Readiness,
+    pub tokens: Arc<TokenKeys>,
+    pub cursors: Arc<Cursors>,
+}
+
+impl AppState {
+    pub fn new(db: PgPool, config: &Config) -> Self {
+        AppState {
+            db,
+            readiness: Readiness::default(),
+            tokens: Arc::new(TokenKeys::new(
+                &keys::derive(&config.auth.secret_key, "access-token"),
+                config.auth.token_ttl,
+            )),
+            cursors: Arc::new(Cursors::new(&keys::derive(
+                &config.auth.secret_key,
+                "pagination-cursor",
+            ))),
+        }
+    }
 }
 
 /// Every public route. Merge a new feature's router here; its operations join the document.
 fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::base()).merge(health::routes())
+    OpenApiRouter::with_openapi(openapi::base())
+        .merge(health::routes())
+        .merge(auth::login::routes())
+        .merge(orders::routes())
 }
 
 fn split(routes: OpenApiRouter<AppState>) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut doc) = routes.split_for_parts();
-    openapi::add_shared_responses(&mut doc);
+    openapi::finish(&mut doc);
     (router, doc)
 }
 
 /// The public listener's whole application: routes, docs, and the middleware stack.
 pub fn public_router(state: AppState, http: &HttpConfig) -> Router {
     let (routes, doc) = split(routes());
+    let tokens = state.tokens.clone();
     with_middleware(
         routes.with_state(state).merge(openapi::docs_routes(doc)),
+        tokens,
         http,
     )
 }
@@ -51,7 +82,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// Wraps `router` in the stack every public request passes through, outermost first. Exposed so
 /// tests can put extra routes (one that panics, say) behind exactly the same stack.
-pub fn with_middleware(router: Router, http: &HttpConfig) -> Router {
+pub fn with_middleware(router: Router, tokens: Arc<TokenKeys>, http: &HttpConfig) -> Router {
     // The fallback is added before `layer` so that unknown paths get the same middleware.
     router.fallback(problem::not_found).layer(
         ServiceBuilder::new()
@@ -63,6 +94,12 @@ pub fn with_middleware(router: Router, http: &HttpConfig) -> Router {
             .map_response(security_headers::set_defaults)
             .layer(axum::middleware::from_fn(problem::render))
             .layer(CatchPanicLayer::custom(problem::from_panic))
+            .layer(axum::middleware::from_fn(deprecation::add_headers))
+            // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
+            .layer(axum::middleware::from_fn_with_state(
+                tokens,
+                auth::authenticate,
+            ))
             // tower-http's limit covers every body, streamed or buffered; axum's own default
             // (2 MB, extractors only) is switched off so there is one number to configure.
             .layer(RequestBodyLimitLayer::new(http.max_body_bytes))

@@ -18,6 +18,8 @@ use secrecy::SecretString;
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `APP_ENV`: `production` (the default) refuses to start without a strong `SECRET_KEY`.
+    pub environment: Environment,
     /// Public API listener (`API_ADDR`).
     pub api_addr: SocketAddr,
     /// Admin listener for metrics and operations (`ADMIN_ADDR`); keep it off the public network.
@@ -26,7 +28,39 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
+    pub auth: AuthConfig,
+    pub idempotency: IdempotencyConfig,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Production,
+    Development,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// `SECRET_KEY`: signs access tokens and pagination cursors (separate keys are derived from
+    /// it). At least 32 bytes in production; rotating it logs everyone out and voids cursors.
+    pub secret_key: SecretString,
+    /// Lifetime of an access token (`AUTH_TOKEN_TTL_SECS`).
+    pub token_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdempotencyConfig {
+    /// How long a key and its stored response are kept (`IDEMPOTENCY_RETENTION_HOURS`, ≥ 24).
+    pub retention: Duration,
+    /// How often the worker purges expired keys (`IDEMPOTENCY_PURGE_INTERVAL_SECS`).
+    pub purge_interval: Duration,
+}
+
+/// Shortest `SECRET_KEY` accepted in production: 256 bits, the HMAC-SHA256 key size.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Used only when `APP_ENV=development` and no `SECRET_KEY` is set, so that local runs work
+/// out of the box. Never accepted in production.
+const DEVELOPMENT_SECRET: &str = "development-only-secret-key-do-not-use-in-production";
 
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
@@ -111,6 +145,17 @@ impl Config {
             problems: Vec::new(),
         };
 
+        let environment = env.environment("APP_ENV");
+        let secret_key = env.secret_key("SECRET_KEY", environment);
+        let token_ttl = env
+            .parse_in_range("AUTH_TOKEN_TTL_SECS", 900, 60..=86_400)
+            .map(Duration::from_secs);
+        let idempotency_retention = env
+            .parse_in_range("IDEMPOTENCY_RETENTION_HOURS", 24, 24..=24 * 30)
+            .map(|h| Duration::from_secs(h * 3600));
+        let purge_interval = env
+            .parse_in_range("IDEMPOTENCY_PURGE_INTERVAL_SECS", 3600, 1..=86_400)
+            .map(Duration::from_secs);
         let api_addr = env.parse_or("API_ADDR", "0.0.0.0:{{api_port}}");
         let admin_addr = env.parse_or("ADMIN_ADDR", "127.0.0.1:{{admin_port}}");
         let database_url = env.required("DATABASE_URL");
@@ -125,6 +170,11 @@ impl Config {
         let grace_period = env.seconds("SHUTDOWN_GRACE_PERIOD_SECS", 20);
 
         let (
+            Some(environment),
+            Some(secret_key),
+            Some(token_ttl),
+            Some(idempotency_retention),
+            Some(purge_interval),
             Some(api_addr),
             Some(admin_addr),
             Some(database_url),
@@ -137,6 +187,11 @@ impl Config {
             Some(readiness_delay),
             Some(grace_period),
         ) = (
+            environment,
+            secret_key,
+            token_ttl,
+            idempotency_retention,
+            purge_interval,
             api_addr,
             admin_addr,
             database_url,
@@ -155,6 +210,7 @@ impl Config {
             });
         };
         Ok(Config {
+            environment,
             api_addr,
             admin_addr,
             database: DatabaseConfig {
@@ -171,6 +227,14 @@ impl Config {
             shutdown: ShutdownConfig {
                 readiness_delay,
                 grace_period,
+            },
+            auth: AuthConfig {
+                secret_key,
+                token_ttl,
+            },
+            idempotency: IdempotencyConfig {
+                retention: idempotency_retention,
+                purge_interval,
             },
         })
     }
@@ -251,6 +315,30 @@ impl Reader<'_> {
         }
     }
 
+    fn environment(&mut self, name: &'static str) -> Option<Environment> {
+        match self.get(name).as_deref().map(str::trim) {
+            None | Some("production") => Some(Environment::Production),
+            Some("development") => Some(Environment::Development),
+            Some(other) => self.fail(
+                name,
+                format!("{other:?} is not one of: production, development"),
+            ),
+        }
+    }
+
+    fn secret_key(
+        &mut self,
+        name: &'static str,
+        environment: Option<Environment>,
+    ) -> Option<SecretString> {
+        match (self.get(name), environment) {
+            (Some(key), _) if key.len() >= MIN_SECRET_BYTES => Some(SecretString::from(key)),
+            (Some(_), _) => self.fail(name, format!("must be at least {MIN_SECRET_BYTES} bytes")),
+            (None, Some(Environment::Development)) => Some(SecretString::from(DEVELOPMENT_SECRET)),
+            (None, _) => self.fail(name, "is required when APP_ENV=production".into()),
+        }
+    }
+
     fn log_format(&mut self, name: &'static str) -> Option<LogFormat> {
         match self.get(name).as_deref().map(str::trim) {
             None | Some("json") => Some(LogFormat::Json),
@@ -271,10 +359,17 @@ mod tests {
             .collect()
     }
 
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
     #[test]
-    fn defaults_apply_when_only_the_database_is_given() {
-        let config =
-            Config::from_map(&vars(&[("DATABASE_URL", "postgres://localhost/app")])).unwrap();
+    fn defaults_apply_when_only_the_required_variables_are_given() {
+        let config = Config::from_map(&vars(&[
+            ("DATABASE_URL", "postgres://localhost/app"),
+            ("SECRET_KEY", SECRET),
+        ]))
+        .unwrap();
+        assert_eq!(config.environment, Environment::Production);
+        assert_eq!(config.idempotency.retention, Duration::from_secs(24 * 3600));
         assert_eq!(config.database.max_connections, 10);
         assert_eq!(config.http.max_body_bytes, 1024 * 1024);
         assert_eq!(config.log.format, LogFormat::Json);
@@ -302,7 +397,8 @@ mod tests {
                 "DATABASE_MAX_CONNECTIONS",
                 "DATABASE_URL",
                 "LOG_FORMAT",
-                "RUST_LOG"
+                "RUST_LOG",
+                "SECRET_KEY"
             ]
         );
         let message = error.to_string();
@@ -313,9 +409,45 @@ mod tests {
     }
 
     #[test]
+    fn production_refuses_a_missing_or_weak_secret_and_development_falls_back() {
+        let database = ("DATABASE_URL", "postgres://localhost/app");
+        let weak = Config::from_map(&vars(&[database, ("SECRET_KEY", "short")])).unwrap_err();
+        assert!(
+            weak.to_string()
+                .contains("SECRET_KEY: must be at least 32 bytes"),
+            "{weak}"
+        );
+        let missing = Config::from_map(&vars(&[database])).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("SECRET_KEY: is required when APP_ENV=production"),
+            "{missing}"
+        );
+        let weak_in_development = Config::from_map(&vars(&[
+            database,
+            ("APP_ENV", "development"),
+            ("SECRET_KEY", "short"),
+        ]));
+        assert!(
+            weak_in_development.is_err(),
+            "a key that is set must be strong everywhere"
+        );
+        let development = Config::from_map(&vars(&[database, ("APP_ENV", "development")])).unwrap();
+        assert_eq!(development.environment, Environment::Development);
+    }
+
+    #[test]
     fn the_database_url_never_appears_in_debug_output() {
-        let config =
-            Config::from_map(&vars(&[("DATABASE_URL", "postgres://u:hunter2@db/app")])).unwrap();
-        assert!(!format!("{config:?}").contains("hunter2"));
+        let config = Config::from_map(&vars(&[
+            ("DATABASE_URL", "postgres://u:hunter2@db/app"),
+            ("SECRET_KEY", SECRET),
+        ]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains(SECRET),
+            "{debug}"
+        );
     }
 }

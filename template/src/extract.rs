@@ -1,10 +1,10 @@
 //! Request extractors whose rejections are [`Problem`]s.
 //!
 //! Prevents: axum's own rejections answering in plain text with messages clients cannot act on.
-//! Use `app::extract::{Json, Path}` in handlers instead of axum's; they behave the same on
+//! Use `app::extract::{Json, Path, Query}` in handlers instead of axum's; they behave the same on
 //! success and fail with a problem+json document that names the parameter.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -47,6 +47,18 @@ pub struct Path<T>(pub T);
 
 impl From<PathRejection> for Problem {
     fn from(rejection: PathRejection) -> Self {
+        Problem::new(ErrorCode::InvalidParameter, rejection.body_text())
+    }
+}
+
+/// `axum::extract::Query`; an unparsable query string (`limit=abc`, an unknown `status`) → 400
+/// `invalid_parameter`.
+#[derive(Debug, Clone, Copy, Default, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(Problem))]
+pub struct Query<T>(pub T);
+
+impl From<QueryRejection> for Problem {
+    fn from(rejection: QueryRejection) -> Self {
         Problem::new(ErrorCode::InvalidParameter, rejection.body_text())
     }
 }

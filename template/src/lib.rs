@@ -4,18 +4,25 @@
 //! - `app`: the route list and the middleware stack, in order. Start reading here.
 //! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process.
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
-//! - Cross-cutting patterns, one module each: `problem` (errors), `extract` (request parsing),
-//!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`.
-//! - Domain features: `users`, `auth`.
+//! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
+//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`,
+//!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
+//! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`.
 
 pub mod app;
 pub mod auth;
+pub mod conditional;
 pub mod config;
 pub mod db;
+pub mod deprecation;
 pub mod extract;
 pub mod health;
+pub mod idempotency;
+pub mod keys;
 pub mod metrics;
 pub mod openapi;
+pub mod orders;
+pub mod pagination;
 pub mod problem;
 pub mod request_id;
 pub mod request_log;
@@ -24,4 +31,5 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod users;
+pub mod validation;
 pub mod worker;

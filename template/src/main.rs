@@ -81,7 +81,7 @@ async fn run(command: ServiceCommand, config: Config) -> anyhow::Result<()> {
                 .run_until(shutdown::signal())
                 .await
         }
-        ServiceCommand::Worker => worker::run(db).await,
+        ServiceCommand::Worker => worker::run(db, config.idempotency.clone()).await,
         ServiceCommand::Migrate => {
             db::MIGRATOR.run(&db).await.context("migration failed")?;
             tracing::info!("migrations applied");

@@ -13,7 +13,8 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use utoipa::OpenApi;
 use utoipa::openapi::path::{Operation, ParameterIn};
-use utoipa::openapi::{Content, Ref, ResponseBuilder};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, Deprecated, Ref, ResponseBuilder};
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::problem::{ErrorCode, FieldError, PROBLEM_JSON, ProblemDocument};
@@ -24,7 +25,11 @@ use crate::problem::{ErrorCode, FieldError, PROBLEM_JSON, ProblemDocument};
         with a stable `code` and the `request_id`; the codes are listed at `/docs/errors`. \
         Unknown routes answer 404 and known routes called with another method answer 405 with \
         `Allow`, both as problem documents."),
-    tags((name = "operations", description = "Health probes for orchestrators and load balancers.")),
+    tags(
+        (name = "operations", description = "Health probes for orchestrators and load balancers."),
+        (name = "auth", description = "Exchange credentials for a short-lived bearer token."),
+        (name = "orders", description = "Orders and their lifecycle: draft → submitted → approved, or cancelled."),
+    ),
     components(schemas(ProblemDocument, FieldError, ErrorCode)),
 )]
 struct ApiDoc;
@@ -39,26 +44,53 @@ pub fn base() -> utoipa::openapi::OpenApi {
     doc
 }
 
-/// Adds to every operation the problem responses it can produce without saying so itself.
-pub fn add_shared_responses(doc: &mut utoipa::openapi::OpenApi) {
-    for item in doc.paths.paths.values_mut() {
+/// Completes the document once every route has added its operation: the bearer scheme and a
+/// 401 on every operation outside `auth::PUBLIC_ROUTES`, deprecation marks, and the problem
+/// responses every operation can produce without saying so itself.
+pub fn finish(doc: &mut utoipa::openapi::OpenApi) {
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.security_schemes.insert(
+        BEARER.to_owned(),
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .build(),
+        )
+        .into(),
+    );
+    for (path, item) in doc.paths.paths.iter_mut() {
         let operations = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-            &mut item.head,
-            &mut item.options,
-            &mut item.trace,
+            ("GET", &mut item.get),
+            ("PUT", &mut item.put),
+            ("POST", &mut item.post),
+            ("DELETE", &mut item.delete),
+            ("PATCH", &mut item.patch),
         ];
-        for operation in operations.into_iter().flatten() {
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            if crate::auth::PUBLIC_ROUTES.contains(&path.as_str()) {
+                operation.security = Some(Vec::new());
+            } else {
+                operation.security =
+                    Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+                add_problem(operation, ErrorCode::Unauthenticated);
+            }
+            if let Some(entry) = crate::deprecation::find(method, path) {
+                operation.deprecated = Some(Deprecated::True);
+                let note = format!(
+                    "**Deprecated**: use `{}`. Responses carry `Deprecation`, `Sunset` and `Link; rel=\"deprecation\"`.",
+                    entry.replacement
+                );
+                operation.description = Some(match operation.description.take() {
+                    Some(description) => format!("{note}\n\n{description}"),
+                    None => note,
+                });
+            }
             let takes_body = operation.request_body.is_some();
-            let takes_path_parameters = operation
-                .parameters
-                .iter()
-                .flatten()
-                .any(|parameter| matches!(parameter, utoipa::openapi::RefOr::T(p) if p.parameter_in == ParameterIn::Path));
+            let takes_path_parameters = operation.parameters.iter().flatten().any(
+                |parameter| matches!(parameter, utoipa::openapi::RefOr::T(p) if p.parameter_in == ParameterIn::Path),
+            );
             if takes_body {
                 add_problem(operation, ErrorCode::MalformedBody);
                 add_problem(operation, ErrorCode::PayloadTooLarge);
@@ -70,9 +102,12 @@ pub fn add_shared_responses(doc: &mut utoipa::openapi::OpenApi) {
                 add_problem(operation, ErrorCode::NotFound);
             }
             add_problem(operation, ErrorCode::InternalError);
+            add_problem(operation, ErrorCode::ServiceUnavailable);
         }
     }
 }
+
+const BEARER: &str = "bearer";
 
 /// Adds a response for `code`'s status unless the operation documents that status already; when
 /// two codes share a status, the first added describes it and the second is appended.
@@ -111,6 +146,7 @@ pub fn docs_routes(doc: utoipa::openapi::OpenApi) -> Router {
     let swagger = swagger.layer(axum::middleware::map_response(allow_docs_page_assets));
     Router::new()
         .route("/docs/errors", get(error_catalogue))
+        .route("/docs/deprecations", get(crate::deprecation::policy_page))
         .merge(swagger)
 }
 

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::Request;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -22,101 +22,220 @@ use utoipa::ToSchema;
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// The stable, machine-readable error codes. Clients switch on these, so never rename one; add new
-/// variants instead. Each code has one HTTP status and one title.
+/// variants instead (and a row in [`ErrorCode::spec`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     MalformedBody,
     InvalidParameter,
+    InvalidCursor,
+    IdempotencyKeyRequired,
+    IdempotencyKeyInvalid,
+    Unauthenticated,
+    InvalidCredentials,
+    Forbidden,
     NotFound,
     MethodNotAllowed,
+    InvalidStateTransition,
+    IdempotencyKeyInUse,
+    PreconditionFailed,
     PayloadTooLarge,
     UnsupportedMediaType,
     ValidationFailed,
+    IdempotencyKeyReused,
+    PreconditionRequired,
     InternalError,
     ServiceUnavailable,
 }
 
+/// Everything the catalogue says about one code.
+pub struct CodeSpec {
+    pub code: &'static str,
+    pub status: StatusCode,
+    /// Stable per code, as RFC 9457 asks of `title`.
+    pub title: &'static str,
+    /// When a client sees this code.
+    pub meaning: &'static str,
+}
+
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::MalformedBody,
         ErrorCode::InvalidParameter,
+        ErrorCode::InvalidCursor,
+        ErrorCode::IdempotencyKeyRequired,
+        ErrorCode::IdempotencyKeyInvalid,
+        ErrorCode::Unauthenticated,
+        ErrorCode::InvalidCredentials,
+        ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
+        ErrorCode::InvalidStateTransition,
+        ErrorCode::IdempotencyKeyInUse,
+        ErrorCode::PreconditionFailed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::ValidationFailed,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::PreconditionRequired,
         ErrorCode::InternalError,
         ErrorCode::ServiceUnavailable,
     ];
 
-    pub fn status(self) -> StatusCode {
-        match self {
-            ErrorCode::MalformedBody | ErrorCode::InvalidParameter => StatusCode::BAD_REQUEST,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::ValidationFailed => StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+    /// The catalogue: the one place that gives each code its status, title and meaning.
+    pub fn spec(self) -> CodeSpec {
+        use StatusCode as S;
+        let (code, status, title, meaning) = match self {
+            ErrorCode::MalformedBody => (
+                "malformed_body",
+                S::BAD_REQUEST,
+                "Malformed request body",
+                "The body is not valid JSON.",
+            ),
+            ErrorCode::InvalidParameter => (
+                "invalid_parameter",
+                S::BAD_REQUEST,
+                "Invalid parameter",
+                "A path or query parameter cannot be parsed or is out of range.",
+            ),
+            ErrorCode::InvalidCursor => (
+                "invalid_cursor",
+                S::BAD_REQUEST,
+                "Invalid cursor",
+                "The pagination cursor was altered, or belongs to another caller or other filters.",
+            ),
+            ErrorCode::IdempotencyKeyRequired => (
+                "idempotency_key_required",
+                S::BAD_REQUEST,
+                "Idempotency key required",
+                "This operation needs an `Idempotency-Key` header.",
+            ),
+            ErrorCode::IdempotencyKeyInvalid => (
+                "idempotency_key_invalid",
+                S::BAD_REQUEST,
+                "Invalid idempotency key",
+                "The `Idempotency-Key` must be 1-255 printable ASCII characters.",
+            ),
+            ErrorCode::Unauthenticated => (
+                "unauthenticated",
+                S::UNAUTHORIZED,
+                "Unauthenticated",
+                "No bearer token, or one that is malformed, expired or forged.",
+            ),
+            ErrorCode::InvalidCredentials => (
+                "invalid_credentials",
+                S::UNAUTHORIZED,
+                "Invalid credentials",
+                "The e-mail and password do not match an account.",
+            ),
+            ErrorCode::Forbidden => (
+                "forbidden",
+                S::FORBIDDEN,
+                "Forbidden",
+                "Your role may not perform this action.",
+            ),
+            ErrorCode::NotFound => (
+                "not_found",
+                S::NOT_FOUND,
+                "Not found",
+                "No such route, no such resource, or a resource you may not see.",
+            ),
+            ErrorCode::MethodNotAllowed => (
+                "method_not_allowed",
+                S::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "The route exists but not with this method; see `Allow`.",
+            ),
+            ErrorCode::InvalidStateTransition => (
+                "invalid_state_transition",
+                S::CONFLICT,
+                "Invalid state transition",
+                "The resource's current state does not allow this action; `detail` names the state.",
+            ),
+            ErrorCode::IdempotencyKeyInUse => (
+                "idempotency_key_in_use",
+                S::CONFLICT,
+                "Idempotency key in use",
+                "A request with this key is still being processed; retry after `Retry-After`.",
+            ),
+            ErrorCode::PreconditionFailed => (
+                "precondition_failed",
+                S::PRECONDITION_FAILED,
+                "Precondition failed",
+                "`If-Match` does not match the current `ETag`: fetch the resource again.",
+            ),
+            ErrorCode::PayloadTooLarge => (
+                "payload_too_large",
+                S::PAYLOAD_TOO_LARGE,
+                "Payload too large",
+                "The request body is larger than the service accepts.",
+            ),
+            ErrorCode::UnsupportedMediaType => (
+                "unsupported_media_type",
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported media type",
+                "The body's `Content-Type` is not one this route accepts.",
+            ),
+            ErrorCode::ValidationFailed => (
+                "validation_failed",
+                S::UNPROCESSABLE_ENTITY,
+                "Validation failed",
+                "One or more fields are invalid; `errors` lists every one.",
+            ),
+            ErrorCode::IdempotencyKeyReused => (
+                "idempotency_key_reused",
+                S::UNPROCESSABLE_ENTITY,
+                "Idempotency key reused",
+                "This key was used for a different request; use a new key.",
+            ),
+            ErrorCode::PreconditionRequired => (
+                "precondition_required",
+                S::PRECONDITION_REQUIRED,
+                "Precondition required",
+                "This operation needs an `If-Match` header with the current `ETag`.",
+            ),
+            ErrorCode::InternalError => (
+                "internal_error",
+                S::INTERNAL_SERVER_ERROR,
+                "Internal error",
+                "An unexpected failure; quote the `request_id` when reporting it.",
+            ),
+            ErrorCode::ServiceUnavailable => (
+                "service_unavailable",
+                S::SERVICE_UNAVAILABLE,
+                "Service unavailable",
+                "A dependency is down or the service is overloaded; retry after `Retry-After`.",
+            ),
+        };
+        CodeSpec {
+            code,
+            status,
+            title,
+            meaning,
         }
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.spec().status
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::MalformedBody => "malformed_body",
-            ErrorCode::InvalidParameter => "invalid_parameter",
-            ErrorCode::NotFound => "not_found",
-            ErrorCode::MethodNotAllowed => "method_not_allowed",
-            ErrorCode::PayloadTooLarge => "payload_too_large",
-            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
-            ErrorCode::ValidationFailed => "validation_failed",
-            ErrorCode::InternalError => "internal_error",
-            ErrorCode::ServiceUnavailable => "service_unavailable",
-        }
+        self.spec().code
     }
 
-    /// Stable per code, as RFC 9457 asks of `title`.
     pub fn title(self) -> &'static str {
-        match self {
-            ErrorCode::MalformedBody => "Malformed request body",
-            ErrorCode::InvalidParameter => "Invalid parameter",
-            ErrorCode::NotFound => "Not found",
-            ErrorCode::MethodNotAllowed => "Method not allowed",
-            ErrorCode::PayloadTooLarge => "Payload too large",
-            ErrorCode::UnsupportedMediaType => "Unsupported media type",
-            ErrorCode::ValidationFailed => "Validation failed",
-            ErrorCode::InternalError => "Internal error",
-            ErrorCode::ServiceUnavailable => "Service unavailable",
-        }
+        self.spec().title
     }
 
-    /// When a client sees this code; the error catalogue is built from it.
     pub fn meaning(self) -> &'static str {
-        match self {
-            ErrorCode::MalformedBody => "The body is not valid JSON, or not of the expected shape.",
-            ErrorCode::InvalidParameter => "A path or query parameter cannot be parsed.",
-            ErrorCode::NotFound => {
-                "No such route, no such resource, or a resource you may not see."
-            }
-            ErrorCode::MethodNotAllowed => {
-                "The route exists but not with this method; see `Allow`."
-            }
-            ErrorCode::PayloadTooLarge => "The request body is larger than the service accepts.",
-            ErrorCode::UnsupportedMediaType => {
-                "The body's `Content-Type` is not one this route accepts."
-            }
-            ErrorCode::ValidationFailed => {
-                "One or more fields are invalid; `errors` lists every one."
-            }
-            ErrorCode::InternalError => {
-                "An unexpected failure; quote the `request_id` when reporting it."
-            }
-            ErrorCode::ServiceUnavailable => {
-                "A dependency is down or the service is overloaded; retry after `Retry-After`."
-            }
-        }
+        self.spec().meaning
+    }
+
+    /// The code named `name`, for problems read back from storage (idempotent replays).
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|code| code.as_str() == name)
     }
 
     /// The code for an error response the framework produced without going through [`Problem`].
@@ -177,6 +296,8 @@ pub struct Problem {
     code: ErrorCode,
     detail: Cow<'static, str>,
     errors: Vec<FieldError>,
+    /// Headers the client needs to act on the problem (`WWW-Authenticate`, `Retry-After`).
+    headers: Vec<(HeaderName, HeaderValue)>,
     /// The cause of a 5xx, logged under the request id and never sent to the client.
     source: Option<Arc<anyhow::Error>>,
 }
@@ -187,6 +308,7 @@ impl Problem {
             code,
             detail: detail.into(),
             errors: Vec::new(),
+            headers: Vec::new(),
             source: None,
         }
     }
@@ -211,8 +333,21 @@ impl Problem {
         }
     }
 
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
     pub fn code(&self) -> ErrorCode {
         self.code
+    }
+
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    pub fn field_errors(&self) -> &[FieldError] {
+        &self.errors
     }
 
     fn document(self, request_id: String, instance: String) -> ProblemDocument {
@@ -251,6 +386,9 @@ impl IntoResponse for Problem {
     /// only travels in the response extensions.
     fn into_response(self) -> Response {
         let mut response = self.code.status().into_response();
+        for (name, value) in &self.headers {
+            response.headers_mut().insert(name, value.clone());
+        }
         response.extensions_mut().insert(self);
         response
     }

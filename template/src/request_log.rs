@@ -1,8 +1,8 @@
 //! One structured log line per request, and a span that every log line of the request inherits.
 //!
 //! Prevents: requests you cannot find or correlate. Every line written while a request is handled
-//! carries its `request_id`; the closing `request` line adds method, matched route, status,
-//! latency and, for errors, the problem `code`, so a dashboard can be built on the logs alone.
+//! carries its `request_id`; the closing `request` line adds method, matched route, the
+//! authenticated principal, status, latency and, for errors, the problem `code`, so a dashboard can be built on the logs alone.
 //! Hand-written rather than tower-http's `TraceLayer` because that layer cannot see the matched
 //! route template or our error code, which are the fields worth searching on.
 
@@ -13,6 +13,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
+use crate::auth::Principal;
 use crate::problem::ErrorCode;
 
 /// Route label for requests no route matched; a fixed value keeps log and metric labels bounded.
@@ -35,6 +36,7 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         request_id = crate::request_id::of(&request),
         method = %method,
         route = %route,
+        principal = tracing::field::Empty,
     );
 
     let response = next.run(request).instrument(span.clone()).await;
@@ -45,6 +47,9 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         .extensions()
         .get::<ErrorCode>()
         .map(|code| code.as_str());
+    if let Some(principal) = response.extensions().get::<Principal>() {
+        span.record("principal", tracing::field::display(principal.user_id));
+    }
     // Errors are problems we rendered; a failing health report (503 while shutting down) is an
     // answer, not an error, and is logged as one.
     span.in_scope(|| match error_code {

@@ -33,11 +33,10 @@ impl Application {
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
-        let readiness = Readiness::default();
-        let state = AppState {
-            db,
-            readiness: readiness.clone(),
-        };
+        let state = AppState::new(db, config);
+        let readiness = state.readiness.clone();
+        // The dummy hash that makes unknown-account logins as slow as real ones.
+        crate::auth::password::warm_up().await;
         Ok(Application {
             api_listener,
             admin_listener,

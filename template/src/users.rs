@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -14,7 +14,7 @@ use validator::ValidateEmail;
 
 use crate::auth::password::{self, Password};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sees and changes only their own resources.
@@ -31,6 +31,39 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+
+    fn from_stored(value: &str) -> anyhow::Result<Role> {
+        match value {
+            "customer" => Ok(Role::Customer),
+            "admin" => Ok(Role::Admin),
+            other => anyhow::bail!("unknown role {other:?} in users.role"),
+        }
+    }
+}
+
+/// What login needs to know about an account.
+pub struct Credentials {
+    pub id: Uuid,
+    pub role: Role,
+    pub password_hash: String,
+}
+
+/// The account with this e-mail, if any.
+pub async fn find_credentials(db: &PgPool, email: &Email) -> anyhow::Result<Option<Credentials>> {
+    let row = sqlx::query!(
+        "SELECT id, role, password_hash FROM users WHERE email = $1",
+        email.as_str()
+    )
+    .fetch_optional(db)
+    .await?;
+    row.map(|row| {
+        Ok(Credentials {
+            id: row.id,
+            role: Role::from_stored(&row.role)?,
+            password_hash: row.password_hash,
+        })
+    })
+    .transpose()
 }
 
 /// A syntactically valid e-mail address, trimmed and lower-cased.

@@ -5,8 +5,11 @@
 //! other request (argon2 is deliberately slow: ~20 MiB and tens of milliseconds per hash, which
 //! must not run on the threads that drive I/O).
 
+use std::sync::LazyLock;
+
 use argon2::Argon2;
-use argon2::password_hash::PasswordHasher;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use secrecy::{ExposeSecret, SecretString};
 
 /// NIST SP 800-63B: at least 8 characters, 15 for single-factor accounts; we take 12 as the
@@ -47,6 +50,39 @@ pub async fn hash(password: Password) -> anyhow::Result<String> {
     .await?
 }
 
+/// A hash of a random password, verified against when the e-mail is unknown, so that an unknown
+/// account costs the same argon2 work as a wrong password and timing reveals nothing.
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    let random = uuid::Uuid::new_v4().to_string();
+    Argon2::default()
+        .hash_password(random.as_bytes())
+        .map(|hash| hash.to_string())
+        .unwrap_or_default()
+});
+
+/// Computes the dummy hash ahead of the first login, off the async threads.
+pub async fn warm_up() {
+    let _ = tokio::task::spawn_blocking(|| LazyLock::force(&DUMMY_HASH).len()).await;
+}
+
+/// Checks `candidate` against a stored PHC string, or against the dummy hash when there is no
+/// account (`stored` is `None`); false in that case, after the same work.
+pub async fn verify(candidate: SecretString, stored: Option<String>) -> anyhow::Result<bool> {
+    let current_span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        let _entered = current_span.enter();
+        let account_exists = stored.is_some();
+        let phc = stored.unwrap_or_else(|| DUMMY_HASH.clone());
+        let hash = PasswordHash::new(&phc)
+            .map_err(|error| anyhow::anyhow!("stored hash is not a PHC string: {error}"))?;
+        let matches = Argon2::default()
+            .verify_password(candidate.expose_secret().as_bytes(), &hash)
+            .is_ok();
+        Ok(account_exists && matches)
+    })
+    .await?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +111,22 @@ mod tests {
             .unwrap();
         assert!(first.starts_with("$argon2id$v=19$"), "{first}");
         assert_ne!(first, second, "each hash has its own salt");
+    }
+
+    #[tokio::test]
+    async fn verification_accepts_only_the_right_password_and_never_a_missing_account() {
+        let stored = hash(Password::parse("correct horse battery".into()).unwrap())
+            .await
+            .unwrap();
+        let check =
+            |candidate: &str, stored: Option<String>| verify(SecretString::from(candidate), stored);
+        assert!(
+            check("correct horse battery", Some(stored.clone()))
+                .await
+                .unwrap()
+        );
+        assert!(!check("wrong horse battery", Some(stored)).await.unwrap());
+        assert!(!check("correct horse battery", None).await.unwrap());
     }
 
     #[test]

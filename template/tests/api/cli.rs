@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdout};
 
-use crate::harness::{client, command, url_of};
+use crate::harness::{TEST_SECRET_KEY, client, command, url_of};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -33,10 +33,13 @@ async fn bad_configuration_exits_non_zero_naming_each_variable() {
 async fn migrate_creates_the_schema_and_is_idempotent(db: PgPool) {
     let url = url_of(&db);
     for _ in 0..2 {
-        let output = command(&["migrate"], &[("DATABASE_URL", &url)])
-            .output()
-            .await
-            .unwrap();
+        let output = command(
+            &["migrate"],
+            &[("DATABASE_URL", &url), ("SECRET_KEY", TEST_SECRET_KEY)],
+        )
+        .output()
+        .await
+        .unwrap();
         assert!(
             output.status.success(),
             "{}",
@@ -56,7 +59,7 @@ async fn create_user(
     password_env: Option<&str>,
     stdin: &str,
 ) -> std::process::Output {
-    let mut vars = vec![("DATABASE_URL", url)];
+    let mut vars = vec![("DATABASE_URL", url), ("SECRET_KEY", TEST_SECRET_KEY)];
     if let Some(password) = password_env {
         vars.push(("CREATE_USER_PASSWORD", password));
     }
@@ -153,6 +156,7 @@ async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: P
             ("API_ADDR", "127.0.0.1:0"),
             ("ADMIN_ADDR", "127.0.0.1:0"),
             ("SHUTDOWN_READINESS_DELAY_SECS", "1"),
+            ("SECRET_KEY", TEST_SECRET_KEY),
         ],
     )
     .stdout(Stdio::piped())
@@ -202,10 +206,13 @@ async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: P
 #[sqlx::test]
 async fn the_worker_starts_and_stops_cleanly_on_sigterm(db: PgPool) {
     let url = url_of(&db);
-    let mut child = command(&["worker"], &[("DATABASE_URL", &url)])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = command(
+        &["worker"],
+        &[("DATABASE_URL", &url), ("SECRET_KEY", TEST_SECRET_KEY)],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
     next_log_line(&mut logs, |line| {
         line["message"]

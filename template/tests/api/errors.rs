@@ -1,7 +1,13 @@
 //! Every error, ours or the framework's, is the same problem+json document (E1–E3, V3, V4).
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use app::auth::Principal;
+use app::auth::token::TokenKeys;
 use app::config::HttpConfig;
 use app::extract::{Json, Path};
+use app::users::Role;
 use axum::Router;
 use axum::routing::{get, post};
 use reqwest::StatusCode;
@@ -10,7 +16,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, client, serve};
+use crate::harness::{TestApp, serve};
 
 /// Reads a problem document and checks the members every problem must have.
 async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
@@ -85,8 +91,9 @@ async fn panics() -> &'static str {
     panic!("secret detail: connection string postgres://u:p@db")
 }
 
-/// Routes that exist only here, behind exactly the production middleware stack.
-async fn test_routes(max_body_bytes: usize) -> String {
+/// Routes that exist only here, behind exactly the production middleware stack, and a client
+/// whose bearer token passes its authentication.
+async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
     let routes = Router::new()
         .route(
             "/widgets",
@@ -97,17 +104,31 @@ async fn test_routes(max_body_bytes: usize) -> String {
             get(|Path(id): Path<Uuid>| async move { id.to_string() }),
         )
         .route("/panic", get(panics));
-    serve(app::app::with_middleware(
+    let tokens = Arc::new(TokenKeys::new(b"errors-test-key", Duration::from_secs(60)));
+    let token = tokens
+        .issue(&Principal {
+            user_id: Uuid::now_v7(),
+            role: Role::Customer,
+        })
+        .unwrap();
+    let base = serve(app::app::with_middleware(
         routes,
+        tokens,
         &HttpConfig { max_body_bytes },
     ))
-    .await
+    .await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    (base, client)
 }
 
 #[tokio::test]
 async fn framework_rejections_become_problems() {
-    let base = test_routes(1024).await;
-    let client = client();
+    let (base, client) = test_routes(1024).await;
     let post = |body: &'static str, content_type: &'static str| {
         client
             .post(format!("{base}/widgets"))
@@ -175,9 +196,9 @@ async fn framework_rejections_become_problems() {
 
 #[tokio::test]
 async fn a_body_over_the_limit_is_a_413_problem() {
-    let base = test_routes(1024).await;
+    let (base, client) = test_routes(1024).await;
     let big = format!(r#"{{"name":"{}","size":1}}"#, "x".repeat(2048));
-    let response = client()
+    let response = client
         .post(format!("{base}/widgets"))
         .header("content-type", "application/json")
         .body(big)
@@ -189,8 +210,8 @@ async fn a_body_over_the_limit_is_a_413_problem() {
 
 #[tokio::test]
 async fn a_panic_is_a_generic_500_problem() {
-    let base = test_routes(1024).await;
-    let response = client().get(format!("{base}/panic")).send().await.unwrap();
+    let (base, client) = test_routes(1024).await;
+    let response = client.get(format!("{base}/panic")).send().await.unwrap();
     let body = problem(
         response,
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -204,7 +225,7 @@ async fn a_panic_is_a_generic_500_problem() {
     );
 
     // The process keeps serving after a panic.
-    let after = client()
+    let after = client
         .get(format!("{base}/widgets/{}", Uuid::nil()))
         .send()
         .await

@@ -24,6 +24,7 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
         ("ADMIN_ADDR", "127.0.0.1:0"),
         ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
         ("SHUTDOWN_GRACE_PERIOD_SECS", "5"),
+        ("SECRET_KEY", TEST_SECRET_KEY),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_owned(), value.to_owned()))
@@ -52,6 +53,9 @@ pub fn url_of(db: &PgPool) -> String {
         .expect("DATABASE_URL has a database path");
     format!("{server}/{name}")
 }
+
+/// The `SECRET_KEY` of every test app.
+pub const TEST_SECRET_KEY: &str = "test-secret-key-with-at-least-32-bytes";
 
 /// Every user the harness creates has this password.
 pub const TEST_PASSWORD: &str = "correct horse battery staple";
@@ -121,6 +125,41 @@ impl TestApp {
             .await
             .expect("user created");
         TestUser { id, email, role }
+    }
+
+    /// Creates a user with `role` and logs in over HTTP, as a client would.
+    pub async fn token_for(&self, role: Role) -> (TestUser, String) {
+        let user = self.create_user(role).await;
+        let token = self.login(&user).await;
+        (user, token)
+    }
+
+    pub async fn login(&self, user: &TestUser) -> String {
+        let response = self
+            .client
+            .post(format!("{}/v1/auth/token", self.api))
+            .json(&serde_json::json!({"email": user.email.as_str(), "password": TEST_PASSWORD}))
+            .send()
+            .await
+            .expect("login sent");
+        assert_eq!(response.status(), 200, "login succeeds");
+        let body: serde_json::Value = response.json().await.expect("token JSON");
+        body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned()
+    }
+
+    /// A request to the public API with a bearer token.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(token)
     }
 }
 

@@ -3,9 +3,14 @@
 
 mod harness;
 
+mod auth;
 mod cli;
 mod errors;
 mod health;
+mod idempotency;
 mod observability;
 mod openapi;
+mod orders;
+mod pagination;
+mod statements;
 mod users;

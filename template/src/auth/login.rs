@@ -1,0 +1,114 @@
+//! `POST /v1/auth/token`: e-mail and password in, a short-lived bearer token out.
+//!
+//! Prevents: account enumeration and login storms. A wrong password, an unknown e-mail and a
+//! malformed e-mail all get the same 401 after the same argon2 work (a dummy hash stands in for
+//! a missing account), and the hashing runs on the blocking pool so a burst of logins cannot
+//! stall other requests.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
+use crate::auth::{Principal, password};
+use crate::extract::Json;
+use crate::problem::{ErrorCode, Problem};
+use crate::users::{self, Email};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    #[schema(example = "ann@example.com")]
+    email: String,
+    #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
+    password: SecretString,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `Bearer`.
+    #[schema(example = "Bearer")]
+    pub token_type: String,
+    /// Seconds until the token expires.
+    #[schema(example = 900)]
+    pub expires_in: u64,
+}
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(issue_token))
+        .routes(routes!(login))
+}
+
+/// Exchange an e-mail and password for a bearer token.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/token",
+    tag = "auth",
+    request_body = TokenRequest,
+    responses(
+        (status = OK, description = "Credentials accepted.", body = TokenResponse),
+        (status = UNAUTHORIZED, description = "`invalid_credentials`: wrong password or unknown e-mail; the two are indistinguishable.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn issue_token(
+    State(state): State<AppState>,
+    Json(request): Json<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
+    // A malformed e-mail is treated exactly like an unknown one.
+    let account = match Email::parse(&request.email) {
+        Ok(email) => users::find_credentials(&state.db, &email)
+            .await
+            .map_err(Problem::internal)?,
+        Err(_) => None,
+    };
+    let stored_hash = account
+        .as_ref()
+        .map(|account| account.password_hash.clone());
+    let verified = password::verify(request.password, stored_hash)
+        .await
+        .map_err(Problem::internal)?;
+    let Some(account) = account.filter(|_| verified) else {
+        return Err(Problem::new(
+            ErrorCode::InvalidCredentials,
+            "The e-mail or password is wrong.",
+        ));
+    };
+
+    let principal = Principal {
+        user_id: account.id,
+        role: account.role,
+    };
+    let access_token = state.tokens.issue(&principal).map_err(Problem::internal)?;
+    Ok((
+        StatusCode::OK,
+        Json(TokenResponse {
+            access_token,
+            token_type: "Bearer".to_owned(),
+            expires_in: state.tokens.ttl().as_secs(),
+        }),
+    ))
+}
+
+/// The former name of `POST /v1/auth/token`, kept until its sunset date.
+#[utoipa::path(
+    post,
+    path = "/v1/auth/login",
+    tag = "auth",
+    request_body = TokenRequest,
+    responses(
+        (status = OK, description = "Credentials accepted.", body = TokenResponse),
+        (status = UNAUTHORIZED, description = "`invalid_credentials`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn login(
+    state: State<AppState>,
+    request: Json<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
+    issue_token(state, request).await
+}
