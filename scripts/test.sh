@@ -16,6 +16,8 @@ step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - started) / 60)) $(((SECOND
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export CARGO_INCREMENTAL=0
+# The service's local mode: a built-in development SECRET_KEY instead of refusing to start.
+export APP_ENV=development
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 step "Installing tools"

@@ -16,6 +16,8 @@ dest=$(cd "$(dirname "$dest")" && pwd)/$(basename "$dest")
 name=$(basename "$dest")
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 say() { printf '==> %s\n' "$*" >&2; }
+# Local mode: the service uses a built-in development SECRET_KEY instead of refusing to start.
+export APP_ENV=development
 
 bash "$root/scripts/install-cargo-generate.sh" >&2
 

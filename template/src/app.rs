@@ -17,6 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::token::TokenKeys;
 use crate::config::{Config, HttpConfig};
 use crate::pagination::Cursors;
+use crate::rate_limit::LoginLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
 use crate::{
@@ -31,6 +32,7 @@ pub struct AppState {
     pub readiness: Readiness,
     pub tokens: Arc<TokenKeys>,
     pub cursors: Arc<Cursors>,
+    pub login_limiter: Arc<LoginLimiter>,
 }
 
 impl AppState {
@@ -46,6 +48,10 @@ impl AppState {
                 &config.auth.secret_key,
                 "pagination-cursor",
             ))),
+            login_limiter: Arc::new(LoginLimiter::new(
+                config.auth.login_attempts_per_ip,
+                config.auth.login_attempts_per_account,
+            )),
         }
     }
 }

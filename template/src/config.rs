@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
@@ -45,6 +46,10 @@ pub struct AuthConfig {
     pub secret_key: SecretString,
     /// Lifetime of an access token (`AUTH_TOKEN_TTL_SECS`).
     pub token_ttl: Duration,
+    /// Login attempts per minute from one client IP (`LOGIN_ATTEMPTS_PER_MINUTE_PER_IP`).
+    pub login_attempts_per_ip: NonZeroU32,
+    /// Login attempts per minute for one account name (`LOGIN_ATTEMPTS_PER_MINUTE_PER_ACCOUNT`).
+    pub login_attempts_per_account: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +155,8 @@ impl Config {
         let token_ttl = env
             .parse_in_range("AUTH_TOKEN_TTL_SECS", 900, 60..=86_400)
             .map(Duration::from_secs);
+        let login_per_ip = env.per_minute("LOGIN_ATTEMPTS_PER_MINUTE_PER_IP", 30);
+        let login_per_account = env.per_minute("LOGIN_ATTEMPTS_PER_MINUTE_PER_ACCOUNT", 10);
         let idempotency_retention = env
             .parse_in_range("IDEMPOTENCY_RETENTION_HOURS", 24, 24..=24 * 30)
             .map(|h| Duration::from_secs(h * 3600));
@@ -158,7 +165,7 @@ impl Config {
             .map(Duration::from_secs);
         let api_addr = env.parse_or("API_ADDR", "0.0.0.0:{{api_port}}");
         let admin_addr = env.parse_or("ADMIN_ADDR", "127.0.0.1:{{admin_port}}");
-        let database_url = env.required("DATABASE_URL");
+        let database_url = env.database_url("DATABASE_URL");
         let max_connections = env.parse_in_range("DATABASE_MAX_CONNECTIONS", 10, 1..=1000);
         let acquire_timeout = env.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 3_000);
         let statement_timeout = env.millis("DATABASE_STATEMENT_TIMEOUT_MS", 5_000);
@@ -173,6 +180,8 @@ impl Config {
             Some(environment),
             Some(secret_key),
             Some(token_ttl),
+            Some(login_per_ip),
+            Some(login_per_account),
             Some(idempotency_retention),
             Some(purge_interval),
             Some(api_addr),
@@ -190,6 +199,8 @@ impl Config {
             environment,
             secret_key,
             token_ttl,
+            login_per_ip,
+            login_per_account,
             idempotency_retention,
             purge_interval,
             api_addr,
@@ -231,6 +242,8 @@ impl Config {
             auth: AuthConfig {
                 secret_key,
                 token_ttl,
+                login_attempts_per_ip: login_per_ip,
+                login_attempts_per_account: login_per_account,
             },
             idempotency: IdempotencyConfig {
                 retention: idempotency_retention,
@@ -261,6 +274,20 @@ impl Reader<'_> {
         match self.get(name) {
             Some(value) => Some(value),
             None => self.fail(name, "is required but not set".into()),
+        }
+    }
+
+    /// Required, and a URL the Postgres driver accepts, so that a typo stops the start-up here
+    /// rather than failing the first query.
+    fn database_url(&mut self, name: &'static str) -> Option<String> {
+        let url = self.required(name)?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return self.fail(name, "must be a postgres:// or postgresql:// URL".into());
+        }
+        match sqlx::postgres::PgConnectOptions::from_str(&url) {
+            Ok(_) => Some(url),
+            // The driver's message may quote the URL, password included: say only what is wrong.
+            Err(_) => self.fail(name, "is not a valid Postgres connection URL".into()),
         }
     }
 
@@ -313,6 +340,11 @@ impl Reader<'_> {
             Ok(_) => Some(filter),
             Err(error) => self.fail(name, format!("not a valid filter: {error}")),
         }
+    }
+
+    fn per_minute(&mut self, name: &'static str, default: u32) -> Option<NonZeroU32> {
+        self.parse_in_range(name, default, 1..=100_000)
+            .and_then(NonZeroU32::new)
     }
 
     fn environment(&mut self, name: &'static str) -> Option<Environment> {
@@ -381,6 +413,16 @@ mod tests {
 
     #[test]
     fn every_bad_variable_is_named_at_once() {
+        for bad_url in ["mysql://localhost/app", "postgres://localhost:notaport/app"] {
+            let error =
+                Config::from_map(&vars(&[("DATABASE_URL", bad_url), ("SECRET_KEY", SECRET)]))
+                    .unwrap_err();
+            assert_eq!(
+                error.variables().collect::<Vec<_>>(),
+                ["DATABASE_URL"],
+                "{bad_url}"
+            );
+        }
         let error = Config::from_map(&vars(&[
             ("API_ADDR", "not-an-address"),
             ("DATABASE_MAX_CONNECTIONS", "0"),

@@ -29,3 +29,16 @@ pub fn pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
         .acquire_timeout(config.acquire_timeout)
         .connect_lazy_with(options))
 }
+
+/// One connection for `migrate`, without the request statement timeout: building an index on a
+/// big table may rightly take minutes. Waiting for locks held by live traffic stays bounded, so a
+/// migration that cannot get its lock fails instead of stalling every request queued behind it.
+pub async fn migration_pool(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(config.url.expose_secret())?
+        .application_name(concat!(env!("CARGO_PKG_NAME"), "-migrate"))
+        .options([("statement_timeout", "0"), ("lock_timeout", "10s")]);
+    PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+}

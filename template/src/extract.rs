@@ -35,8 +35,7 @@ impl From<JsonRejection> for Problem {
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
             _ => ErrorCode::MalformedBody,
         };
-        // serde's message names the field and position, and never echoes the whole body.
-        Problem::new(code, rejection.body_text())
+        Problem::new(code, bounded(rejection.body_text()))
     }
 }
 
@@ -47,8 +46,18 @@ pub struct Path<T>(pub T);
 
 impl From<PathRejection> for Problem {
     fn from(rejection: PathRejection) -> Self {
-        Problem::new(ErrorCode::InvalidParameter, rejection.body_text())
+        Problem::new(ErrorCode::InvalidParameter, bounded(rejection.body_text()))
     }
+}
+
+/// serde's messages name the field and position but may quote the offending value, which can be
+/// as long as the body: keep the first 200 characters.
+pub(crate) fn bounded(mut detail: String) -> String {
+    if let Some((cut, _)) = detail.char_indices().nth(200) {
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    detail
 }
 
 /// `axum::extract::Query`; an unparsable query string (`limit=abc`, an unknown `status`) → 400
@@ -59,6 +68,6 @@ pub struct Query<T>(pub T);
 
 impl From<QueryRejection> for Problem {
     fn from(rejection: QueryRejection) -> Self {
-        Problem::new(ErrorCode::InvalidParameter, rejection.body_text())
+        Problem::new(ErrorCode::InvalidParameter, bounded(rejection.body_text()))
     }
 }

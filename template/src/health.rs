@@ -55,6 +55,9 @@ impl IntoResponse for HealthReport {
             HealthStatus::Fail => StatusCode::SERVICE_UNAVAILABLE,
         };
         let mut response = (status, axum::Json(self)).into_response();
+        response
+            .extensions_mut()
+            .insert(crate::problem::OwnErrorBody);
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static(HEALTH_JSON),

@@ -5,7 +5,7 @@
 //! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process.
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
 //! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
-//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`,
+//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`,
 //!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
 //! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`.
 
@@ -24,6 +24,7 @@ pub mod openapi;
 pub mod orders;
 pub mod pagination;
 pub mod problem;
+pub mod rate_limit;
 pub mod request_id;
 pub mod request_log;
 pub mod security_headers;

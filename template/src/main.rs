@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use app::auth::password::Password;
-use app::config::Config;
-use app::users::{self, Email, Role};
-use app::{db, server, shutdown, telemetry, worker};
+use service::auth::password::Password;
+use service::config::Config;
+use service::users::{self, Email, Role};
+use service::{db, server, shutdown, telemetry, worker};
 
 /// The variable `create-user` reads the password from when set; otherwise it reads one line from
 /// standard input. Never from the command line, where `ps` and shell history would show it.
@@ -83,6 +83,9 @@ async fn run(command: ServiceCommand, config: Config) -> anyhow::Result<()> {
         }
         ServiceCommand::Worker => worker::run(db, config.idempotency.clone()).await,
         ServiceCommand::Migrate => {
+            let db = db::migration_pool(&config.database)
+                .await
+                .context("cannot connect to DATABASE_URL")?;
             db::MIGRATOR.run(&db).await.context("migration failed")?;
             tracing::info!("migrations applied");
             Ok(())
@@ -98,7 +101,7 @@ async fn run(command: ServiceCommand, config: Config) -> anyhow::Result<()> {
 }
 
 fn print_openapi() -> ExitCode {
-    match app::app::openapi_document().to_pretty_json() {
+    match service::app::openapi_document().to_pretty_json() {
         Ok(json) => {
             println!("{json}");
             ExitCode::SUCCESS

@@ -55,13 +55,31 @@ fn describe() {
 /// the matched route template is already known here.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route = crate::request_log::route_of(&request);
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     metrics::histogram!(REQUEST_DURATION, "method" => method, "route" => route, "status" => status)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Standard methods by name, anything else (`FOO1`, `FOO2`, …) as `_OTHER`, as OpenTelemetry's
+/// semantic conventions ask, so a client cannot mint new series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "_OTHER",
+    }
 }
 
 /// `GET /metrics` in the Prometheus text format, for the admin listener only.

@@ -44,8 +44,10 @@ pub enum ErrorCode {
     ValidationFailed,
     IdempotencyKeyReused,
     PreconditionRequired,
+    RateLimited,
     InternalError,
     ServiceUnavailable,
+    Timeout,
 }
 
 /// Everything the catalogue says about one code.
@@ -59,7 +61,7 @@ pub struct CodeSpec {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::MalformedBody,
         ErrorCode::InvalidParameter,
         ErrorCode::InvalidCursor,
@@ -78,8 +80,10 @@ impl ErrorCode {
         ErrorCode::ValidationFailed,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::PreconditionRequired,
+        ErrorCode::RateLimited,
         ErrorCode::InternalError,
         ErrorCode::ServiceUnavailable,
+        ErrorCode::Timeout,
     ];
 
     /// The catalogue: the one place that gives each code its status, title and meaning.
@@ -194,6 +198,12 @@ impl ErrorCode {
                 "Precondition required",
                 "This operation needs an `If-Match` header with the current `ETag`.",
             ),
+            ErrorCode::RateLimited => (
+                "rate_limited",
+                S::TOO_MANY_REQUESTS,
+                "Too many requests",
+                "You sent too many requests; retry after `Retry-After` seconds.",
+            ),
             ErrorCode::InternalError => (
                 "internal_error",
                 S::INTERNAL_SERVER_ERROR,
@@ -205,6 +215,12 @@ impl ErrorCode {
                 S::SERVICE_UNAVAILABLE,
                 "Service unavailable",
                 "A dependency is down or the service is overloaded; retry after `Retry-After`.",
+            ),
+            ErrorCode::Timeout => (
+                "timeout",
+                S::SERVICE_UNAVAILABLE,
+                "Timeout",
+                "The request took too long to complete; retry after `Retry-After`.",
             ),
         };
         CodeSpec {
@@ -238,14 +254,21 @@ impl ErrorCode {
             .find(|code| code.as_str() == name)
     }
 
-    /// The code for an error response the framework produced without going through [`Problem`].
+    /// The code for an error response a layer produced without going through [`Problem`]. The
+    /// response keeps its own status; this only names it.
     fn for_status(status: StatusCode) -> ErrorCode {
         match status {
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthenticated,
+            StatusCode::FORBIDDEN => ErrorCode::Forbidden,
             StatusCode::NOT_FOUND => ErrorCode::NotFound,
             StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::PRECONDITION_FAILED => ErrorCode::PreconditionFailed,
             StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
             StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::ValidationFailed,
+            StatusCode::PRECONDITION_REQUIRED => ErrorCode::PreconditionRequired,
+            StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+            StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => ErrorCode::Timeout,
             StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ServiceUnavailable,
             status if status.is_client_error() => ErrorCode::InvalidParameter,
             _ => ErrorCode::InternalError,
@@ -350,11 +373,11 @@ impl Problem {
         &self.errors
     }
 
-    fn document(self, request_id: String, instance: String) -> ProblemDocument {
+    fn document(self, status: StatusCode, request_id: String, instance: String) -> ProblemDocument {
         ProblemDocument {
             type_: format!("/docs/errors#{}", self.code.as_str()),
             title: self.code.title(),
-            status: self.code.status().as_u16(),
+            status: status.as_u16(),
             detail: self.detail.into_owned(),
             instance,
             code: self.code,
@@ -365,18 +388,36 @@ impl Problem {
 }
 
 impl From<sqlx::Error> for Problem {
+    /// The database being down, restarting, saturated or too slow is not our bug and not the
+    /// client's: it is a 503 the client may retry. Everything else is a 500.
     fn from(error: sqlx::Error) -> Self {
-        match error {
-            // The pool could not hand out a connection in time: the database is down or saturated.
-            // Tell the client to come back rather than calling it our bug.
-            sqlx::Error::PoolTimedOut => Problem {
+        let code = match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => Some(ErrorCode::ServiceUnavailable),
+            sqlx::Error::Database(database) => match database.code().as_deref() {
+                // query_canceled: statement_timeout fired.
+                Some("57014") => Some(ErrorCode::Timeout),
+                // Connection exceptions, and admin/crash/cannot-connect-now shutdowns.
+                Some(code)
+                    if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03") =>
+                {
+                    Some(ErrorCode::ServiceUnavailable)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        match code {
+            Some(code) => Problem {
                 source: Some(Arc::new(error.into())),
                 ..Problem::new(
-                    ErrorCode::ServiceUnavailable,
-                    "The database is unavailable; retry later.",
+                    code,
+                    "The database is unavailable or too slow right now; retry later.",
                 )
             },
-            error => Problem::internal(error),
+            None => Problem::internal(error),
         }
     }
 }
@@ -394,6 +435,11 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Put in a response's extensions by a handler whose error status comes with its own,
+/// documented JSON body (the 503 health report), so that [`render`] leaves it alone.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnErrorBody;
+
 /// How long a client should wait before retrying a 503.
 const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("1");
 
@@ -405,20 +451,23 @@ pub async fn render(request: Request, next: Next) -> Response {
     let request_id = crate::request_id::of(&request).to_owned();
 
     let mut response = next.run(request).await;
-    let problem = match response.extensions_mut().remove::<Problem>() {
-        Some(problem) => problem,
+    let (problem, from_handler) = match response.extensions_mut().remove::<Problem>() {
+        Some(problem) => (problem, true),
         None if is_unrendered_error(&response) => {
-            let status = response.status();
-            let code = ErrorCode::for_status(status);
+            let code = ErrorCode::for_status(response.status());
             let detail = match code {
                 ErrorCode::NotFound => "No route or resource matches this path.".to_owned(),
                 ErrorCode::MethodNotAllowed => {
                     "This route does not accept this method; see the Allow header.".to_owned()
                 }
                 ErrorCode::PayloadTooLarge => "The request body is too large.".to_owned(),
-                _ => status.canonical_reason().unwrap_or("Error").to_owned(),
+                _ => response
+                    .status()
+                    .canonical_reason()
+                    .unwrap_or("Error")
+                    .to_owned(),
             };
-            Problem::new(code, detail)
+            (Problem::new(code, detail), false)
         }
         None => return response,
     };
@@ -427,7 +476,13 @@ pub async fn render(request: Request, next: Next) -> Response {
         tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");
     }
     let code = problem.code;
-    let body = match serde_json::to_vec(&problem.document(request_id, instance)) {
+    // A problem of ours has its code's status; a layer's response keeps the status it chose.
+    let status = if from_handler {
+        code.status()
+    } else {
+        response.status()
+    };
+    let body = match serde_json::to_vec(&problem.document(status, request_id, instance)) {
         Ok(body) => body,
         Err(error) => {
             tracing::error!(%error, "cannot serialize a problem document");
@@ -437,12 +492,12 @@ pub async fn render(request: Request, next: Next) -> Response {
 
     // Keep the framework's headers (such as `Allow` on a 405) but not the ones describing its body.
     let (mut parts, _) = response.into_parts();
-    parts.status = code.status();
+    parts.status = status;
     parts.headers.remove(header::CONTENT_LENGTH);
     parts
         .headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-    if code == ErrorCode::ServiceUnavailable {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
         parts
             .headers
             .entry(header::RETRY_AFTER)
@@ -452,16 +507,11 @@ pub async fn render(request: Request, next: Next) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
-/// An error response that did not come from [`Problem`]: axum's 404/405, tower-http's 413 and the
-/// like. Responses that already carry a JSON document (a health report) are left alone.
+/// An error response that did not come from [`Problem`]: axum's 404/405, tower-http's 413 and
+/// the like, unless its handler marked it as carrying its own documented body.
 fn is_unrendered_error(response: &Response) -> bool {
     let is_error = response.status().is_client_error() || response.status().is_server_error();
-    let is_json_document = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/") && value.contains("json"));
-    is_error && !is_json_document
+    is_error && response.extensions().get::<OwnErrorBody>().is_none()
 }
 
 /// 404 for every path no route matches.
@@ -481,4 +531,39 @@ pub fn from_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("a panic without a message");
     Problem::internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_database_is_a_503_and_other_database_errors_a_500() {
+        for error in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            assert_eq!(Problem::from(error).code(), ErrorCode::ServiceUnavailable);
+        }
+        assert_eq!(
+            Problem::from(sqlx::Error::RowNotFound).code(),
+            ErrorCode::InternalError
+        );
+    }
+
+    #[test]
+    fn every_code_has_a_distinct_name_and_its_own_status() {
+        let mut names: Vec<_> = ErrorCode::ALL.iter().map(|code| code.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        for code in ErrorCode::ALL {
+            assert!(
+                code.status().is_client_error() || code.status().is_server_error(),
+                "{code:?}"
+            );
+            assert_eq!(ErrorCode::from_name(code.as_str()), Some(code));
+        }
+    }
 }

@@ -31,7 +31,9 @@ pub async fn log_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = route_of(&request);
-    let span = tracing::info_span!(
+    // Error level, so that the span (and the request id it carries) exists at every log level:
+    // with `RUST_LOG=warn` an info span would be disabled and warnings would lose their context.
+    let span = tracing::error_span!(
         "request",
         request_id = crate::request_id::of(&request),
         method = %method,

@@ -35,6 +35,14 @@ impl Application {
             .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
         let state = AppState::new(db, config);
         let readiness = state.readiness.clone();
+        let limiter = state.login_limiter.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                limiter.forget_idle();
+            }
+        });
         // The dummy hash that makes unknown-account logins as slow as real ones.
         crate::auth::password::warm_up().await;
         Ok(Application {
@@ -62,8 +70,12 @@ impl Application {
     ) -> anyhow::Result<()> {
         tracing::info!(api_addr = %self.api_addr()?, admin_addr = %self.admin_addr()?, "listening");
         let stop_accepting = shutdown::sequence(trigger, self.readiness, &self.shutdown);
-        let api = axum::serve(self.api_listener, self.api)
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        // Connection info carries the peer address, the client IP for per-IP limits.
+        let api = axum::serve(
+            self.api_listener,
+            self.api.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let admin = axum::serve(self.admin_listener, self.admin)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let drained = async { tokio::try_join!(api.into_future(), admin.into_future()) };

@@ -28,4 +28,9 @@ pub fn init(config: &LogConfig) {
     if let Err(error) = result {
         eprintln!("logging was already initialised: {error}");
     }
+    // A panic is reported as a log line inside the current request's span (so it carries the
+    // request id), instead of plain text on stderr. `CatchPanicLayer` then answers 500.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "panic");
+    }));
 }

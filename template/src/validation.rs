@@ -89,7 +89,7 @@ pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> 
         Err(error) => errors.push(FieldError {
             pointer: typed_pointer(error.path()),
             code: Cow::Borrowed("invalid_type"),
-            message: Cow::Owned(error.into_inner().to_string()),
+            message: Cow::Owned(crate::extract::bounded(error.into_inner().to_string())),
         }),
         Ok(value) => {
             if let Err(invalid) = value.validate() {

@@ -9,6 +9,7 @@ use crate::config::IdempotencyConfig;
 use crate::{idempotency, shutdown};
 
 pub async fn run(db: PgPool, config: IdempotencyConfig) -> anyhow::Result<()> {
+    let stop = shutdown::signal();
     sqlx::query("SELECT 1").execute(&db).await?;
     tracing::info!(
         purge_interval_secs = config.purge_interval.as_secs(),
@@ -27,7 +28,7 @@ pub async fn run(db: PgPool, config: IdempotencyConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         () = purge => {}
-        () = shutdown::signal() => {}
+        () = stop => {}
     }
     tracing::info!("worker stopped");
     Ok(())

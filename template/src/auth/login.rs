@@ -5,22 +5,25 @@
 //! a missing account), and the hashing runs on the blocking pool so a burst of logins cannot
 //! stall other requests.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use validator::Validate;
 
 use crate::app::AppState;
 use crate::auth::{Principal, password};
 use crate::extract::Json;
 use crate::problem::{ErrorCode, Problem};
 use crate::users::{self, Email};
+use crate::validation::Valid;
 
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Deserialize, Validate, ToSchema)]
 pub struct TokenRequest {
     #[schema(example = "ann@example.com")]
     email: String,
@@ -54,12 +57,17 @@ pub fn routes() -> OpenApiRouter<AppState> {
     responses(
         (status = OK, description = "Credentials accepted.", body = TokenResponse),
         (status = UNAUTHORIZED, description = "`invalid_credentials`: wrong password or unknown e-mail; the two are indistinguishable.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
+        (status = TOO_MANY_REQUESTS, description = "`rate_limited`: too many attempts from this IP or for this account; see `Retry-After`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
     ),
 )]
 pub async fn issue_token(
     State(state): State<AppState>,
-    Json(request): Json<TokenRequest>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Valid<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
+    let request = body.value;
+    // Before any password work, so a storm of attempts cannot burn CPU either.
+    state.login_limiter.check(peer.ip(), &request.email)?;
     // A malformed e-mail is treated exactly like an unknown one.
     let account = match Email::parse(&request.email) {
         Ok(email) => users::find_credentials(&state.db, &email)
@@ -104,11 +112,13 @@ pub async fn issue_token(
     responses(
         (status = OK, description = "Credentials accepted.", body = TokenResponse),
         (status = UNAUTHORIZED, description = "`invalid_credentials`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
+        (status = TOO_MANY_REQUESTS, description = "`rate_limited`; see `Retry-After`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
     ),
 )]
 pub async fn login(
     state: State<AppState>,
-    request: Json<TokenRequest>,
+    peer: ConnectInfo<SocketAddr>,
+    body: Valid<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
-    issue_token(state, request).await
+    issue_token(state, peer, body).await
 }

@@ -2,13 +2,13 @@
 
 use std::time::Instant;
 
-use app::users::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::harness::{TEST_PASSWORD, TestApp};
+use crate::harness::{TEST_PASSWORD, TestApp, test_config};
 
 async fn token_request(app: &TestApp, body: Value) -> reqwest::Response {
     app.client
@@ -138,7 +138,7 @@ async fn every_documented_route_but_the_public_ones_requires_a_token(db: PgPool)
                 .send()
                 .await
                 .unwrap();
-            if app::auth::PUBLIC_ROUTES.contains(&path.as_str()) {
+            if service::auth::PUBLIC_ROUTES.contains(&path.as_str()) {
                 assert_ne!(
                     response.status(),
                     StatusCode::UNAUTHORIZED,
@@ -232,4 +232,55 @@ async fn the_deprecated_login_route_works_and_says_so(db: PgPool) {
             .is_none()
     );
     assert_eq!(app.get("/docs/deprecations").await.status(), StatusCode::OK);
+}
+
+#[sqlx::test]
+async fn repeated_login_attempts_are_limited_per_account_and_per_ip(db: PgPool) {
+    let config = test_config(&[
+        ("LOGIN_ATTEMPTS_PER_MINUTE_PER_ACCOUNT", "3"),
+        ("LOGIN_ATTEMPTS_PER_MINUTE_PER_IP", "6"),
+    ]);
+    let app = TestApp::spawn_with(db, config).await;
+    let user = app.create_user(Role::Customer).await;
+    let attempt = |email: String, password: &'static str| {
+        token_request(&app, json!({"email": email, "password": password}))
+    };
+
+    for _ in 0..3 {
+        assert_eq!(
+            attempt(user.email.to_string(), "wrong password here")
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The account's bucket is empty: even the right password waits, so guessing cannot continue.
+    let limited = attempt(user.email.to_string(), TEST_PASSWORD).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["code"],
+        "rate_limited"
+    );
+
+    // An account that does not exist is limited the same way; this IP has 2 of 6 attempts left.
+    for _ in 0..2 {
+        assert_eq!(
+            attempt("ghost@example.com".into(), "whatever password")
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let ip_limited = attempt("third@example.com".into(), "whatever password").await;
+    assert_eq!(
+        ip_limited.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the IP's bucket is empty"
+    );
 }

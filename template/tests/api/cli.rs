@@ -235,6 +235,6 @@ async fn the_openapi_subcommand_prints_the_document_without_configuration() {
     let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         printed,
-        serde_json::to_value(app::app::openapi_document()).unwrap()
+        serde_json::to_value(service::app::openapi_document()).unwrap()
     );
 }

@@ -3,16 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use app::auth::Principal;
-use app::auth::token::TokenKeys;
-use app::config::HttpConfig;
-use app::extract::{Json, Path};
-use app::users::Role;
 use axum::Router;
 use axum::routing::{get, post};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
+use service::auth::Principal;
+use service::auth::token::TokenKeys;
+use service::config::HttpConfig;
+use service::extract::{Json, Path};
+use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -87,6 +87,18 @@ struct Widget {
     size: u8,
 }
 
+/// What other layers (a rate limiter, a timeout, an auth proxy) answer on their own.
+async fn layer_answers(Path(status): Path<u16>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = axum::http::StatusCode::from_u16(status).unwrap();
+    (
+        status,
+        [("www-authenticate", "Bearer"), ("retry-after", "7")],
+        "plain text from a layer",
+    )
+        .into_response()
+}
+
 async fn panics() -> &'static str {
     panic!("secret detail: connection string postgres://u:p@db")
 }
@@ -103,7 +115,8 @@ async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
             "/widgets/{id}",
             get(|Path(id): Path<Uuid>| async move { id.to_string() }),
         )
-        .route("/panic", get(panics));
+        .route("/panic", get(panics))
+        .route("/layer/{status}", get(layer_answers));
     let tokens = Arc::new(TokenKeys::new(b"errors-test-key", Duration::from_secs(60)));
     let token = tokens
         .issue(&Principal {
@@ -111,7 +124,7 @@ async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
             role: Role::Customer,
         })
         .unwrap();
-    let base = serve(app::app::with_middleware(
+    let base = serve(service::app::with_middleware(
         routes,
         tokens,
         &HttpConfig { max_body_bytes },
@@ -231,4 +244,51 @@ async fn a_panic_is_a_generic_500_problem() {
         .await
         .unwrap();
     assert_eq!(after.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn error_responses_from_other_layers_keep_their_status_and_headers() {
+    let (base, client) = test_routes(1024).await;
+    for (status, code) in [
+        (401, "unauthenticated"),
+        (409, "invalid_parameter"),
+        (429, "rate_limited"),
+        (408, "timeout"),
+        (504, "timeout"),
+        (503, "service_unavailable"),
+    ] {
+        let response = client
+            .get(format!("{base}/layer/{status}"))
+            .send()
+            .await
+            .unwrap();
+        let expected = StatusCode::from_u16(status).unwrap();
+        assert_eq!(
+            response.headers()["retry-after"],
+            "7",
+            "{status}: the layer's headers are kept"
+        );
+        let body = problem(response, expected, code).await;
+        assert_eq!(body["status"], status);
+    }
+}
+
+#[tokio::test]
+async fn rejection_details_do_not_echo_long_input() {
+    let (base, client) = test_routes(64 * 1024).await;
+    let long = "x".repeat(5000);
+    let response = client
+        .post(format!("{base}/widgets"))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"name":"a","size":"{long}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert!(body["detail"].as_str().unwrap().len() < 400, "{body}");
 }

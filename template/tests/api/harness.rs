@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use app::auth::password::Password;
-use app::config::Config;
-use app::server::Application;
-use app::users::{self, Email, Role};
 use axum::Router;
+use service::auth::password::Password;
+use service::config::Config;
+use service::server::Application;
+use service::users::{self, Email, Role};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use app::db;
 use reqwest::StatusCode;
 use serde_json::Value;
+use service::db;
 use sqlx::PgPool;
 
 use crate::harness::{TestApp, test_config};
@@ -80,4 +80,24 @@ async fn readiness_fails_first_on_shutdown_then_the_server_stops(db: PgPool) {
         reqwest::get(format!("{api}/livez")).await.is_err(),
         "the listener is closed"
     );
+}
+
+#[sqlx::test]
+async fn a_statement_over_the_timeout_is_cancelled_and_becomes_a_503_timeout(db: PgPool) {
+    let config = test_config(&[
+        ("DATABASE_URL", &crate::harness::url_of(&db)),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "50"),
+    ]);
+    let pool = db::pool(&config.database).unwrap();
+    let started = Instant::now();
+    let error = sqlx::query("SELECT pg_sleep(2)")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "cancelled by the server, not waited out"
+    );
+    let problem = service::problem::Problem::from(error);
+    assert_eq!(problem.code(), service::problem::ErrorCode::Timeout);
 }

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use app::users::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use service::users::Role;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
@@ -279,7 +279,7 @@ async fn expired_keys_are_purged_and_fresh_ones_kept(db: PgPool) {
         .execute(&app.db)
         .await
         .unwrap();
-    let deleted = app::idempotency::purge_expired(&app.db, Duration::from_secs(24 * 3600))
+    let deleted = service::idempotency::purge_expired(&app.db, Duration::from_secs(24 * 3600))
         .await
         .unwrap();
     assert_eq!(deleted, 1);

@@ -66,6 +66,29 @@ async fn metrics_are_on_the_admin_listener_only_and_labelled_by_route_template(d
         "unknown paths share one label: {text}"
     );
     assert!(!text.contains("12345"), "raw paths never become labels");
+
+    app.client
+        .request(
+            reqwest::Method::from_bytes(b"FOO1").unwrap(),
+            format!("{}/livez", app.api),
+        )
+        .send()
+        .await
+        .unwrap();
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("FOO1"),
+        "invented methods never become labels"
+    );
+    assert!(text.contains(r#"method="_OTHER""#));
 }
 
 #[sqlx::test]

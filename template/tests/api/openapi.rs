@@ -8,7 +8,7 @@ use crate::harness::TestApp;
 
 #[test]
 fn the_committed_openapi_json_matches_the_code() {
-    let generated = app::app::openapi_document().to_pretty_json().unwrap();
+    let generated = service::app::openapi_document().to_pretty_json().unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
@@ -19,7 +19,7 @@ fn the_committed_openapi_json_matches_the_code() {
 
 #[test]
 fn every_operation_documents_its_error_responses() {
-    let doc: Value = serde_json::to_value(app::app::openapi_document()).unwrap();
+    let doc: Value = serde_json::to_value(service::app::openapi_document()).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.contains_key("/livez") && paths.contains_key("/readyz"));
@@ -42,7 +42,7 @@ async fn the_served_document_is_the_generated_one(db: PgPool) {
     let served: Value = app.get("/openapi.json").await.json().await.unwrap();
     assert_eq!(
         served,
-        serde_json::to_value(app::app::openapi_document()).unwrap()
+        serde_json::to_value(service::app::openapi_document()).unwrap()
     );
 }
 
@@ -85,7 +85,7 @@ async fn the_docs_page_works_without_the_internet(db: PgPool) {
 async fn every_error_code_has_a_catalogue_entry(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let page = app.get("/docs/errors").await.text().await.unwrap();
-    for code in app::problem::ErrorCode::ALL {
+    for code in service::problem::ErrorCode::ALL {
         assert!(
             page.contains(&format!("id=\"{}\"", code.as_str())),
             "{code:?}"

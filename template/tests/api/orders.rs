@@ -1,9 +1,9 @@
 //! The orders API: validation (V1–V3), state machine (W2), conditional requests (W3, P2),
 //! role and object-level authorization (S2).
 
-use app::users::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -2,11 +2,11 @@
 
 use std::collections::HashSet;
 
-use app::orders::domain::{Currency, LineItem, NewOrder, Quantity, Sku, UnitPrice};
-use app::orders::store;
-use app::users::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use service::orders::domain::{Currency, LineItem, NewOrder, Quantity, Sku, UnitPrice};
+use service::orders::store;
+use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 

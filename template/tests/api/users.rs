@@ -1,7 +1,7 @@
 //! Users: roles, normalised unique e-mails, argon2id hashes (S3).
 
-use app::auth::password::Password;
-use app::users::{self, CreateUserError, Email, Role};
+use service::auth::password::Password;
+use service::users::{self, CreateUserError, Email, Role};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
