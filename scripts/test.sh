@@ -71,12 +71,15 @@ SQLX_OFFLINE=true cargo test --locked --all-targets
 step "Try it: the README's first command, end to end"
 PGPORT=$pg_port API_ADDR=127.0.0.1:18080 ADMIN_ADDR=127.0.0.1:19090 \
   bash "$root/scripts/try.sh" "$work/try/acme-orders" | tee "$work/try.log"
-demo_curl=$(grep -E '^  curl ' "$work/try.log" | head -n 1)
-[ -n "$demo_curl" ] || { echo "try.sh printed no curl command" >&2; exit 1; }
-step "Running the curl that try.sh printed:$demo_curl"
-answer=$(bash -c "$demo_curl --fail --silent --show-error")
+# The commands try.sh printed under "Try:", run exactly as a user would paste them.
+sed -n '/^Try:$/,/^$/p' "$work/try.log" | sed -n 's/^  //p' > "$work/try-commands.sh"
+[ -s "$work/try-commands.sh" ] || { echo "try.sh printed no commands" >&2; exit 1; }
+step "Running the commands try.sh printed"
+cat "$work/try-commands.sh"
+answer=$(bash -e "$work/try-commands.sh")
 echo "$answer"
-grep -q '"status":"pass"' <<<"$answer" || { echo "unexpected answer from the printed curl" >&2; exit 1; }
+grep -q '"status":"pass"' <<<"$answer" || { echo "the readiness command did not pass" >&2; exit 1; }
+grep -q '"status":"draft"' <<<"$answer" || { echo "the create-order command did not create a draft" >&2; exit 1; }
 kill "$(cat "$work/try/acme-orders/service.pid")"
 
 step "All checks passed"

@@ -67,15 +67,20 @@ for _ in $(seq 1 100); do
 done
 curl --silent --fail "http://$api_addr/readyz" >/dev/null || { tail -n 20 service.log >&2; exit 1; }
 
+base="http://$api_addr"
+login_body="{\"email\":\"$demo_email\",\"password\":\"$demo_password\"}"
+order_body='{"currency":"EUR","items":[{"sku":"BOOK-1","quantity":2,"unit_price_cents":1250}],"note":"first order"}'
 cat <<MSG
 
 $name is running (pid $(cat service.pid), logs in $dest/service.log).
 
-  Interactive docs: http://$api_addr/docs/
+  Interactive docs: $base/docs/
   Admin user:       $demo_email / $demo_password
 
 Try:
-  curl http://$api_addr/readyz
+  curl -s $base/readyz
+  TOKEN=\$(curl -s -X POST $base/v1/auth/token -H 'content-type: application/json' -d '$login_body' | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
+  curl -s -X POST $base/v1/orders -H "authorization: Bearer \$TOKEN" -H "idempotency-key: \$(date +%s%N)" -H 'content-type: application/json' -d '$order_body'
 
 Stop it with: kill \$(cat $dest/service.pid)
 MSG

@@ -267,10 +267,11 @@ async fn transition(
     let order = visible_to(store::find_for_update(conn, id).await?, principal)?;
     if_match.check(&conditional::etag(order.version))?;
     let next = order.status.apply(action).map_err(|illegal| {
-        Problem::new(
-            ErrorCode::InvalidStateTransition,
-            format!("{illegal}; the order is {}.", illegal.from),
-        )
+        let detail = format!(
+            "Cannot {} an order that is {}.",
+            illegal.action, illegal.from
+        );
+        Problem::new(ErrorCode::InvalidStateTransition, detail)
     })?;
     let order = store::set_status(conn, order, next).await?;
     order_outcome(StatusCode::OK, order)

@@ -238,3 +238,80 @@ async fn the_openapi_subcommand_prints_the_document_without_configuration() {
         serde_json::to_value(service::app::openapi_document()).unwrap()
     );
 }
+
+#[sqlx::test]
+async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPool) {
+    let email = service::users::Email::parse("secretive@example.com").unwrap();
+    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
+    service::users::create(&db, &email, service::users::Role::Customer, password)
+        .await
+        .unwrap();
+    let url = url_of(&db);
+    let mut child = command(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &url),
+            ("API_ADDR", "127.0.0.1:0"),
+            ("ADMIN_ADDR", "127.0.0.1:0"),
+            ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
+            ("SECRET_KEY", TEST_SECRET_KEY),
+            ("RUST_LOG", "debug"),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
+    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    let client = client();
+
+    let login: Value = client
+        .post(format!("{api}/v1/auth/token"))
+        .json(&serde_json::json!({"email": "secretive@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let orders = client
+        .get(format!("{api}/v1/orders"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(orders.status(), 200);
+    // A failed login with another password, and a forged token, must not be logged either.
+    client
+        .post(format!("{api}/v1/auth/token"))
+        .json(&serde_json::json!({"email": "secretive@example.com", "password": "another secret 123"}))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{api}/v1/orders"))
+        .bearer_auth("forged.token.value")
+        .send()
+        .await
+        .unwrap();
+
+    terminate(&child);
+    let mut everything = String::new();
+    while let Ok(Some(line)) = logs.next_line().await {
+        everything.push_str(&line);
+        everything.push('\n');
+    }
+    child.wait().await.unwrap();
+    assert!(
+        everything.contains("\"principal\""),
+        "the principal is logged, by id"
+    );
+    for secret in [PASSWORD, "another secret 123", &token, "forged.token.value"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret:?} appeared in the logs"
+        );
+    }
+}

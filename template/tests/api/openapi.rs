@@ -92,3 +92,13 @@ async fn every_error_code_has_a_catalogue_entry(db: PgPool) {
         );
     }
 }
+
+#[test]
+fn the_readme_catalogue_lists_every_error_code() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for code in service::problem::ErrorCode::ALL {
+        let row = format!("| {} | `{}` |", code.status().as_u16(), code.as_str());
+        assert!(readme.contains(&row), "README.md's error table lacks {row}");
+    }
+}
