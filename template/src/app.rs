@@ -6,9 +6,11 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use sqlx::PgPool;
 use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
@@ -21,8 +23,8 @@ use crate::rate_limit::LoginLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
 use crate::{
-    auth, deprecation, health, keys, metrics, openapi, orders, problem, request_id, request_log,
-    security_headers,
+    auth, deprecation, health, keys, metrics, openapi, orders, overload, problem, request_id,
+    request_log, security_headers,
 };
 
 /// What handlers share. Cheap to clone: every field is a handle.
@@ -100,6 +102,13 @@ pub fn with_middleware(router: Router, tokens: Arc<TokenKeys>, http: &HttpConfig
             .map_response(security_headers::set_defaults)
             .layer(axum::middleware::from_fn(problem::render))
             .layer(CatchPanicLayer::custom(problem::from_panic))
+            // Overload: refuse at once past the concurrency ceiling, abandon what runs too long.
+            .layer(HandleErrorLayer::new(overload::into_problem))
+            .load_shed()
+            .layer(GlobalConcurrencyLimitLayer::new(
+                http.max_concurrent_requests,
+            ))
+            .timeout(http.request_timeout)
             .layer(axum::middleware::from_fn(deprecation::add_headers))
             // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
             .layer(axum::middleware::from_fn_with_state(

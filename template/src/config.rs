@@ -97,6 +97,12 @@ pub enum LogFormat {
 pub struct HttpConfig {
     /// Largest request body accepted, in bytes (`MAX_BODY_BYTES`); larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Longest a request may take before it is abandoned with 503 `timeout`
+    /// (`REQUEST_TIMEOUT_SECS`). Keep it above `DATABASE_STATEMENT_TIMEOUT_MS`.
+    pub request_timeout: Duration,
+    /// Requests in flight at once before new ones are refused with 503
+    /// (`MAX_CONCURRENT_REQUESTS`).
+    pub max_concurrent_requests: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +179,11 @@ impl Config {
         let log_format = env.log_format("LOG_FORMAT");
         let max_body_bytes =
             env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
+        let request_timeout = env
+            .parse_in_range("REQUEST_TIMEOUT_SECS", 10, 1..=600)
+            .map(Duration::from_secs);
+        let max_concurrent_requests =
+            env.parse_in_range("MAX_CONCURRENT_REQUESTS", 256, 1..=100_000);
         let readiness_delay = env.seconds("SHUTDOWN_READINESS_DELAY_SECS", 5);
         let grace_period = env.seconds("SHUTDOWN_GRACE_PERIOD_SECS", 20);
 
@@ -193,6 +204,8 @@ impl Config {
             Some(log_filter),
             Some(log_format),
             Some(max_body_bytes),
+            Some(request_timeout),
+            Some(max_concurrent_requests),
             Some(readiness_delay),
             Some(grace_period),
         ) = (
@@ -212,6 +225,8 @@ impl Config {
             log_filter,
             log_format,
             max_body_bytes,
+            request_timeout,
+            max_concurrent_requests,
             readiness_delay,
             grace_period,
         )
@@ -234,7 +249,11 @@ impl Config {
                 filter: log_filter,
                 format: log_format,
             },
-            http: HttpConfig { max_body_bytes },
+            http: HttpConfig {
+                max_body_bytes,
+                request_timeout,
+                max_concurrent_requests,
+            },
             shutdown: ShutdownConfig {
                 readiness_delay,
                 grace_period,

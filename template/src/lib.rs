@@ -5,7 +5,7 @@
 //! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process.
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
 //! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
-//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`,
+//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `overload`,
 //!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
 //! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`.
 
@@ -22,6 +22,7 @@ pub mod keys;
 pub mod metrics;
 pub mod openapi;
 pub mod orders;
+pub mod overload;
 pub mod pagination;
 pub mod problem;
 pub mod rate_limit;

@@ -103,9 +103,26 @@ async fn panics() -> &'static str {
     panic!("secret detail: connection string postgres://u:p@db")
 }
 
+async fn sleeps(Path(millis): Path<u64>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    "slept"
+}
+
+fn http(max_body_bytes: usize) -> HttpConfig {
+    HttpConfig {
+        max_body_bytes,
+        request_timeout: Duration::from_secs(10),
+        max_concurrent_requests: 100,
+    }
+}
+
+async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
+    test_routes_with(http(max_body_bytes)).await
+}
+
 /// Routes that exist only here, behind exactly the production middleware stack, and a client
 /// whose bearer token passes its authentication.
-async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
+async fn test_routes_with(http: HttpConfig) -> (String, reqwest::Client) {
     let routes = Router::new()
         .route(
             "/widgets",
@@ -116,7 +133,8 @@ async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
             get(|Path(id): Path<Uuid>| async move { id.to_string() }),
         )
         .route("/panic", get(panics))
-        .route("/layer/{status}", get(layer_answers));
+        .route("/layer/{status}", get(layer_answers))
+        .route("/sleep/{millis}", get(sleeps));
     let tokens = Arc::new(TokenKeys::new(b"errors-test-key", Duration::from_secs(60)));
     let token = tokens
         .issue(&Principal {
@@ -124,12 +142,7 @@ async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
             role: Role::Customer,
         })
         .unwrap();
-    let base = serve(service::app::with_middleware(
-        routes,
-        tokens,
-        &HttpConfig { max_body_bytes },
-    ))
-    .await;
+    let base = serve(service::app::with_middleware(routes, tokens, &http)).await;
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
     let client = reqwest::Client::builder()
@@ -291,4 +304,61 @@ async fn rejection_details_do_not_echo_long_input() {
     )
     .await;
     assert!(body["detail"].as_str().unwrap().len() < 400, "{body}");
+}
+
+#[tokio::test]
+async fn a_request_past_the_timeout_is_a_503_timeout_with_retry_after() {
+    let (base, client) = test_routes_with(HttpConfig {
+        request_timeout: Duration::from_secs(1),
+        ..http(1024)
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let response = client
+        .get(format!("{base}/sleep/5000"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "abandoned at the timeout, not after the handler"
+    );
+    assert_eq!(response.headers()["retry-after"], "1");
+    problem(response, StatusCode::SERVICE_UNAVAILABLE, "timeout").await;
+}
+
+#[tokio::test]
+async fn past_the_concurrency_ceiling_requests_are_refused_at_once() {
+    let (base, client) = test_routes_with(HttpConfig {
+        max_concurrent_requests: 2,
+        ..http(1024)
+    })
+    .await;
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(client.get(format!("{base}/sleep/1500")).send()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = std::time::Instant::now();
+    let shed = client.get(format!("{base}/sleep/0")).send().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused without waiting for a slot"
+    );
+    assert_eq!(shed.headers()["retry-after"], "1");
+    problem(shed, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
+
+    for request in slow {
+        assert_eq!(
+            request.await.unwrap().unwrap().status(),
+            StatusCode::OK,
+            "admitted requests complete"
+        );
+    }
+    let after = client.get(format!("{base}/sleep/0")).send().await.unwrap();
+    assert_eq!(
+        after.status(),
+        StatusCode::OK,
+        "capacity is back once they finish"
+    );
 }
