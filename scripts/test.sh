@@ -23,16 +23,19 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 step "Installing tools"
 bash "$root/scripts/install-cargo-generate.sh"
 bash "$root/scripts/install-sqlx-cli.sh"
+bash "$root/scripts/install-redis.sh"
 
 work=$(mktemp -d /tmp/template-test.XXXXXX)
 chmod 755 "$work"
 # One target directory for every render: they share a package name, so dependencies build once.
 export CARGO_TARGET_DIR="$work/target"
 pg_port=${TEST_PGPORT:-55432}
+redis_port=${TEST_REDIS_PORT:-56379}
 service="$work/acme-orders"
 cleanup() {
   if [ -x "$service/scripts/local-postgres.sh" ]; then
     PGPORT=$pg_port bash "$service/scripts/local-postgres.sh" destroy || true
+    REDIS_PORT=$redis_port bash "$service/scripts/local-redis.sh" stop || true
   fi
   if [ -f "$work/try/acme-orders/service.pid" ]; then kill "$(cat "$work/try/acme-orders/service.pid")" 2>/dev/null || true; fi
   rm -rf "$work"
@@ -65,7 +68,11 @@ step "cargo sqlx prepare --check (the committed .sqlx data is current)"
 SQLX_OFFLINE=true cargo run --locked --quiet -- migrate
 cargo sqlx prepare --check -- --all-targets
 
-step "cargo test"
+step "Starting a throwaway Redis on 127.0.0.1:$redis_port"
+eval "$(REDIS_PORT=$redis_port bash scripts/local-redis.sh start)"
+export REDIS_URL
+
+step "cargo test (real Postgres, real Redis)"
 SQLX_OFFLINE=true cargo test --locked --all-targets
 
 step "Try it: the README's first command, end to end"

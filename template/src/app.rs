@@ -17,14 +17,15 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::token::TokenKeys;
+use crate::client_ip::TrustedProxies;
 use crate::config::{Config, HttpConfig};
 use crate::pagination::Cursors;
-use crate::rate_limit::LoginLimiter;
+use crate::rate_limit::RateLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
 use crate::{
-    auth, deprecation, health, keys, metrics, openapi, orders, overload, problem, request_id,
-    request_log, security_headers,
+    auth, client_ip, deprecation, health, keys, metrics, openapi, orders, overload, problem,
+    rate_limit, request_id, request_log, security_headers,
 };
 
 /// What handlers share. Cheap to clone: every field is a handle.
@@ -34,27 +35,26 @@ pub struct AppState {
     pub readiness: Readiness,
     pub tokens: Arc<TokenKeys>,
     pub cursors: Arc<Cursors>,
-    pub login_limiter: Arc<LoginLimiter>,
+    pub rate_limiter: Arc<RateLimiter>,
+    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl AppState {
-    pub fn new(db: PgPool, config: &Config) -> Self {
-        AppState {
+    pub fn new(db: PgPool, config: &Config) -> anyhow::Result<Self> {
+        let secret = &config.auth.secret_key;
+        Ok(AppState {
             db,
             readiness: Readiness::default(),
             tokens: Arc::new(TokenKeys::new(
-                &keys::derive(&config.auth.secret_key, "access-token"),
+                &keys::derive(secret, "access-token"),
                 config.auth.token_ttl,
             )),
-            cursors: Arc::new(Cursors::new(&keys::derive(
-                &config.auth.secret_key,
-                "pagination-cursor",
-            ))),
-            login_limiter: Arc::new(LoginLimiter::new(
-                config.auth.login_attempts_per_ip,
-                config.auth.login_attempts_per_account,
+            cursors: Arc::new(Cursors::new(&keys::derive(secret, "pagination-cursor"))),
+            rate_limiter: Arc::new(RateLimiter::new(&config.rate_limit)?),
+            trusted_proxies: Arc::new(TrustedProxies::new(
+                config.rate_limit.trusted_proxies.clone(),
             )),
-        }
+        })
     }
 }
 
@@ -75,10 +75,10 @@ fn split(routes: OpenApiRouter<AppState>) -> (Router<AppState>, utoipa::openapi:
 /// The public listener's whole application: routes, docs, and the middleware stack.
 pub fn public_router(state: AppState, http: &HttpConfig) -> Router {
     let (routes, doc) = split(routes());
-    let tokens = state.tokens.clone();
+    let stack = state.clone();
     with_middleware(
         routes.with_state(state).merge(openapi::docs_routes(doc)),
-        tokens,
+        &stack,
         http,
     )
 }
@@ -90,7 +90,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// Wraps `router` in the stack every public request passes through, outermost first. Exposed so
 /// tests can put extra routes (one that panics, say) behind exactly the same stack.
-pub fn with_middleware(router: Router, tokens: Arc<TokenKeys>, http: &HttpConfig) -> Router {
+pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> Router {
     // The fallback is added before `layer` so that unknown paths get the same middleware.
     router.fallback(problem::not_found).layer(
         ServiceBuilder::new()
@@ -109,12 +109,23 @@ pub fn with_middleware(router: Router, tokens: Arc<TokenKeys>, http: &HttpConfig
                 http.max_concurrent_requests,
             ))
             .timeout(http.request_timeout)
-            .layer(axum::middleware::from_fn(deprecation::add_headers))
-            // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
             .layer(axum::middleware::from_fn_with_state(
-                tokens,
-                auth::authenticate,
+                state.trusted_proxies.clone(),
+                client_ip::resolve,
             ))
+            .layer(axum::middleware::from_fn(deprecation::add_headers))
+            .layer(axum::middleware::from_fn_with_state(
+                state.tokens.clone(),
+                auth::identify,
+            ))
+            // Limits per principal (per client IP when anonymous), before anything is refused, so
+            // every `/v1` answer, 401s included, carries the RateLimit headers.
+            .layer(axum::middleware::from_fn_with_state(
+                state.rate_limiter.clone(),
+                rate_limit::enforce,
+            ))
+            // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
+            .layer(axum::middleware::from_fn(auth::require))
             // tower-http's limit covers every body, streamed or buffered; axum's own default
             // (2 MB, extractors only) is switched off so there is one number to configure.
             .layer(RequestBodyLimitLayer::new(http.max_body_bytes))

@@ -30,6 +30,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
     pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
     pub idempotency: IdempotencyConfig,
 }
 
@@ -46,10 +47,29 @@ pub struct AuthConfig {
     pub secret_key: SecretString,
     /// Lifetime of an access token (`AUTH_TOKEN_TTL_SECS`).
     pub token_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Requests per minute per principal, or per client IP when anonymous
+    /// (`RATE_LIMIT_PER_MINUTE`).
+    pub per_minute: NonZeroU32,
+    /// Writes (POST, PUT, PATCH, DELETE) per minute per principal (`RATE_LIMIT_WRITES_PER_MINUTE`).
+    pub writes_per_minute: NonZeroU32,
     /// Login attempts per minute from one client IP (`LOGIN_ATTEMPTS_PER_MINUTE_PER_IP`).
-    pub login_attempts_per_ip: NonZeroU32,
+    pub login_per_ip: NonZeroU32,
     /// Login attempts per minute for one account name (`LOGIN_ATTEMPTS_PER_MINUTE_PER_ACCOUNT`).
-    pub login_attempts_per_account: NonZeroU32,
+    pub login_per_account: NonZeroU32,
+    /// `REDIS_URL`: when set, buckets are shared by every instance through Redis.
+    pub redis_url: Option<SecretString>,
+    /// Namespace of the keys in Redis (`RATE_LIMIT_REDIS_PREFIX`, default: the service name).
+    pub redis_prefix: String,
+    /// How long a rate-limit decision may wait for Redis before falling back to local buckets
+    /// (`REDIS_TIMEOUT_MS`).
+    pub redis_timeout: Duration,
+    /// `TRUSTED_PROXIES`: comma-separated addresses or CIDR networks whose `X-Forwarded-For` is
+    /// believed (your load balancers). Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +181,14 @@ impl Config {
         let token_ttl = env
             .parse_in_range("AUTH_TOKEN_TTL_SECS", 900, 60..=86_400)
             .map(Duration::from_secs);
+        let per_minute = env.per_minute("RATE_LIMIT_PER_MINUTE", 600);
+        let writes_per_minute = env.per_minute("RATE_LIMIT_WRITES_PER_MINUTE", 120);
+        let redis_url = env.redis_url("REDIS_URL");
+        let redis_prefix = env
+            .get("RATE_LIMIT_REDIS_PREFIX")
+            .unwrap_or_else(|| env!("CARGO_PKG_NAME").to_owned());
+        let redis_timeout = env.millis("REDIS_TIMEOUT_MS", 200);
+        let trusted_proxies = env.networks("TRUSTED_PROXIES");
         let login_per_ip = env.per_minute("LOGIN_ATTEMPTS_PER_MINUTE_PER_IP", 30);
         let login_per_account = env.per_minute("LOGIN_ATTEMPTS_PER_MINUTE_PER_ACCOUNT", 10);
         let idempotency_retention = env
@@ -191,6 +219,11 @@ impl Config {
             Some(environment),
             Some(secret_key),
             Some(token_ttl),
+            Some(per_minute),
+            Some(writes_per_minute),
+            Some(redis_url),
+            Some(redis_timeout),
+            Some(trusted_proxies),
             Some(login_per_ip),
             Some(login_per_account),
             Some(idempotency_retention),
@@ -212,6 +245,11 @@ impl Config {
             environment,
             secret_key,
             token_ttl,
+            per_minute,
+            writes_per_minute,
+            redis_url,
+            redis_timeout,
+            trusted_proxies,
             login_per_ip,
             login_per_account,
             idempotency_retention,
@@ -261,8 +299,16 @@ impl Config {
             auth: AuthConfig {
                 secret_key,
                 token_ttl,
-                login_attempts_per_ip: login_per_ip,
-                login_attempts_per_account: login_per_account,
+            },
+            rate_limit: RateLimitConfig {
+                per_minute,
+                writes_per_minute,
+                login_per_ip,
+                login_per_account,
+                redis_url,
+                redis_prefix,
+                redis_timeout,
+                trusted_proxies,
             },
             idempotency: IdempotencyConfig {
                 retention: idempotency_retention,
@@ -358,6 +404,36 @@ impl Reader<'_> {
         match tracing_subscriber::EnvFilter::try_new(&filter) {
             Ok(_) => Some(filter),
             Err(error) => self.fail(name, format!("not a valid filter: {error}")),
+        }
+    }
+
+    /// Optional; when set, a `redis://` URL the client accepts.
+    fn redis_url(&mut self, name: &'static str) -> Option<Option<SecretString>> {
+        match self.get(name) {
+            None => Some(None),
+            Some(url) if redis::Client::open(url.as_str()).is_ok() => {
+                Some(Some(SecretString::from(url)))
+            }
+            Some(_) => self.fail(name, "is not a valid redis:// URL".into()),
+        }
+    }
+
+    /// A comma-separated list of addresses or CIDR networks.
+    fn networks(&mut self, name: &'static str) -> Option<Vec<ipnet::IpNet>> {
+        let raw = self.get(name).unwrap_or_default();
+        let parsed: Result<Vec<ipnet::IpNet>, String> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                item.parse::<ipnet::IpNet>()
+                    .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("{item:?} is not an address or CIDR network"))
+            })
+            .collect();
+        match parsed {
+            Ok(networks) => Some(networks),
+            Err(reason) => self.fail(name, reason),
         }
     }
 

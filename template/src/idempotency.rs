@@ -41,6 +41,8 @@ pub struct Idempotency {
     method: String,
     route: String,
     path: String,
+    /// Part of the fingerprint: a retry with another `If-Match` is another request.
+    if_match: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Idempotency {
@@ -56,11 +58,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Idempotency {
             || parts.uri.path().to_owned(),
             |route| route.as_str().to_owned(),
         );
+        let if_match = parts
+            .headers
+            .get_all(header::IF_MATCH)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(Idempotency {
             key,
             method: parts.method.as_str().to_owned(),
             route,
             path: parts.uri.path().to_owned(),
+            if_match,
         })
     }
 }
@@ -136,10 +146,27 @@ enum Stored {
         headers: Vec<(String, String)>,
         body: String,
     },
+    /// Field errors are not kept: handlers decide only on whole-request errors (409, 412, 404);
+    /// validation failures happen before the key is claimed.
     Problem {
         code: String,
         detail: String,
+        headers: Vec<(String, String)>,
     },
+}
+
+/// Which handler outcomes are stored and replayed: successes and the client errors the handler
+/// decided on. Server errors are not (the client should retry them), nor is a missing `If-Match`
+/// (428), which rejects the request's form like validation does.
+fn is_replayable(problem: &Problem) -> bool {
+    !problem.code().status().is_server_error() && problem.code() != ErrorCode::PreconditionRequired
+}
+
+fn header_pairs(headers: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_owned())))
+        .collect()
 }
 
 impl Idempotency {
@@ -173,31 +200,34 @@ impl Idempotency {
         };
         let fingerprint = self.fingerprint(body_digest);
         if let Some(replay) = self.claim(&mut tx, principal, key, &fingerprint).await? {
-            metrics::counter!(REPLAYS).increment(1);
             return Ok(replay);
         }
 
+        // Whatever the effect writes before it fails with a client error is undone, so that the
+        // stored error is all that the key commits.
+        sqlx::query("SAVEPOINT effect").execute(&mut *tx).await?;
         let result = effect(&mut tx).await;
         let stored = match &result {
             Ok(outcome) => Stored::Success {
                 status: outcome.status.as_u16(),
-                headers: outcome
-                    .headers
-                    .iter()
-                    .filter_map(|(name, value)| {
-                        Some((name.to_string(), value.to_str().ok()?.to_owned()))
-                    })
-                    .collect(),
+                headers: header_pairs(&outcome.headers),
                 body: String::from_utf8_lossy(&outcome.body).into_owned(),
             },
-            // Not stored: the transaction rolls back and the client may retry with this key.
-            Err(problem) if problem.code().status().is_server_error() => {
+            // Not stored: the whole transaction, key included, rolls back, and the client may
+            // retry with the same key.
+            Err(problem) if !is_replayable(problem) => {
                 return result.map(IntoResponse::into_response);
             }
-            Err(problem) => Stored::Problem {
-                code: problem.code().as_str().to_owned(),
-                detail: problem.detail().to_owned(),
-            },
+            Err(problem) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT effect")
+                    .execute(&mut *tx)
+                    .await?;
+                Stored::Problem {
+                    code: problem.code().as_str().to_owned(),
+                    detail: problem.detail().to_owned(),
+                    headers: header_pairs(problem.headers()),
+                }
+            }
         };
         let stored = serde_json::to_value(&stored).map_err(Problem::internal)?;
         sqlx::query!(
@@ -215,12 +245,14 @@ impl Idempotency {
         result.map(IntoResponse::into_response)
     }
 
-    /// Same method, same path (so the same target resource), same canonical body.
+    /// Same method, same path (so the same target resource), same `If-Match`, same canonical body.
     fn fingerprint(&self, body_digest: &[u8]) -> Vec<u8> {
         let message = [
             self.method.as_bytes(),
             b"\n",
             self.path.as_bytes(),
+            b"\n",
+            self.if_match.as_bytes(),
             b"\n",
             body_digest,
         ]
@@ -305,7 +337,15 @@ fn in_use() -> Problem {
 }
 
 fn replay(stored: Stored) -> Result<Response, Problem> {
+    metrics::counter!(REPLAYS).increment(1);
     let replayed = HeaderValue::from_static("true");
+    let parse = |name: String, value: String| -> Result<(HeaderName, HeaderValue), Problem> {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(Problem::internal)?;
+        Ok((
+            name,
+            HeaderValue::from_str(&value).map_err(Problem::internal)?,
+        ))
+    };
     match stored {
         Stored::Success {
             status,
@@ -313,24 +353,33 @@ fn replay(stored: Stored) -> Result<Response, Problem> {
             body,
         } => {
             let status = StatusCode::from_u16(status).map_err(Problem::internal)?;
-            let mut outcome = Outcome {
+            let headers = headers
+                .into_iter()
+                .map(|(name, value)| parse(name, value))
+                .collect::<Result<_, _>>()?;
+            let mut response = Outcome {
                 status,
-                headers: Vec::new(),
+                headers,
                 body: body.into_bytes(),
-            };
-            for (name, value) in headers {
-                let name = HeaderName::from_bytes(name.as_bytes()).map_err(Problem::internal)?;
-                outcome = outcome.header(name, &value)?;
             }
-            let mut response = outcome.into_response();
+            .into_response();
             response.headers_mut().insert(IDEMPOTENT_REPLAYED, replayed);
             Ok(response)
         }
-        Stored::Problem { code, detail } => {
+        Stored::Problem {
+            code,
+            detail,
+            headers,
+        } => {
             let code = ErrorCode::from_name(&code).ok_or_else(|| {
                 Problem::internal(anyhow::anyhow!("unknown stored error code {code}"))
             })?;
-            Err(Problem::new(code, detail).with_header(IDEMPOTENT_REPLAYED, replayed))
+            let mut problem = Problem::new(code, detail).with_header(IDEMPOTENT_REPLAYED, replayed);
+            for (name, value) in headers {
+                let (name, value) = parse(name, value)?;
+                problem = problem.with_header(name, value);
+            }
+            Err(problem)
         }
     }
 }

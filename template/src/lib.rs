@@ -5,12 +5,13 @@
 //! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process.
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
 //! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
-//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `overload`,
+//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `client_ip`, `overload`,
 //!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
 //! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`.
 
 pub mod app;
 pub mod auth;
+pub mod client_ip;
 pub mod conditional;
 pub mod config;
 pub mod db;

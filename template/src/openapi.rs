@@ -24,7 +24,9 @@ use crate::problem::{ErrorCode, FieldError, PROBLEM_JSON, ProblemDocument};
     info(description = "Every error is an RFC 9457 problem document (`application/problem+json`) \
         with a stable `code` and the `request_id`; the codes are listed at `/docs/errors`. \
         Unknown routes answer 404 and known routes called with another method answer 405 with \
-        `Allow`, both as problem documents."),
+        `Allow`, both as problem documents. Every `/v1` response carries `RateLimit-Policy` and \
+        `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers); past a limit the answer is 429 \
+        `rate_limited` with `Retry-After` in seconds."),
     tags(
         (name = "operations", description = "Health probes for orchestrators and load balancers."),
         (name = "auth", description = "Exchange credentials for a short-lived bearer token."),
@@ -100,6 +102,9 @@ pub fn finish(doc: &mut utoipa::openapi::OpenApi) {
             if takes_path_parameters {
                 add_problem(operation, ErrorCode::InvalidParameter);
                 add_problem(operation, ErrorCode::NotFound);
+            }
+            if path.starts_with("/v1/") {
+                add_problem(operation, ErrorCode::RateLimited);
             }
             add_problem(operation, ErrorCode::InternalError);
             add_problem(operation, ErrorCode::ServiceUnavailable);

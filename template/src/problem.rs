@@ -373,6 +373,10 @@ impl Problem {
         &self.errors
     }
 
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
+    }
+
     fn document(self, status: StatusCode, request_id: String, instance: String) -> ProblemDocument {
         ProblemDocument {
             type_: format!("/docs/errors#{}", self.code.as_str()),

@@ -1,90 +1,475 @@
-//! Rate limiting with GCRA (the `governor` crate): the login policy.
+//! Rate limiting with GCRA: per principal (per client IP when anonymous), stricter for writes and
+//! for login, in this process or shared through Redis.
 //!
-//! Prevents: password guessing, credential stuffing, and login storms that burn CPU on argon2.
-//! Every login attempt spends one token from two buckets, the client IP's and the account name's
-//! (whether or not the account exists, so the limit reveals nothing), before any password work
-//! is done. Past either limit the answer is 429 `rate_limited` with `Retry-After`.
+//! Prevents: one client (a bug, a scraper, a credential-stuffing run) taking the service from
+//! everyone else. Every `/v1` request spends a token from its caller's `default` bucket, writes
+//! also from the `writes` bucket, and login attempts from the client IP's and the account name's
+//! `login` buckets before any password work. Past a limit the answer is 429 `rate_limited` with
+//! an integer `Retry-After`; every `/v1` response carries `RateLimit-Policy` and `RateLimit`
+//! (draft-ietf-httpapi-ratelimit-headers).
 //!
-//! The buckets live in this process: with several instances each enforces its own share. The
-//! per-principal, per-route and shared (Redis) policies come with the protection work.
+//! GCRA (a token bucket stored as one timestamp per key): emission interval T = window / quota,
+//! burst tolerance τ = T·(quota − 1); allow when now ≥ TAT − τ, then TAT = max(TAT, now) + T.
+//! In-process buckets use `governor`; with `REDIS_URL` set, buckets live in Redis and one Lua
+//! script makes each decision atomically, using Redis' clock, so several instances share them.
+//! If Redis cannot answer within `REDIS_TIMEOUT_MS`, the decision falls back to this process's
+//! own buckets: limits keep holding per instance rather than failing open or taking the API down
+//! with Redis (logged, and counted in `rate_limit_backend_errors_total`).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::http::{HeaderValue, header};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::middleware::StateInformationMiddleware;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
+use redis::aio::ConnectionManager;
 
+use crate::auth::Principal;
+use crate::client_ip::ClientIp;
+use crate::config::RateLimitConfig;
 use crate::problem::{ErrorCode, Problem};
 
-pub struct LoginLimiter {
-    per_ip: DefaultKeyedRateLimiter<IpAddr>,
-    per_account: DefaultKeyedRateLimiter<String>,
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub const REJECTIONS: &str = "rate_limit_rejections_total";
+pub const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
+
+/// One named limit: `quota` requests per `window`, all of which may come at once.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: &'static str,
+    pub quota: NonZeroU32,
+    pub window: Duration,
 }
 
-impl std::fmt::Debug for LoginLimiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LoginLimiter")
-    }
-}
-
-impl LoginLimiter {
-    /// `per_ip` and `per_account` attempts per minute, each allowed as a burst.
-    pub fn new(per_ip: NonZeroU32, per_account: NonZeroU32) -> Self {
-        LoginLimiter {
-            per_ip: RateLimiter::keyed(Quota::per_minute(per_ip)),
-            per_account: RateLimiter::keyed(Quota::per_minute(per_account)),
+impl Policy {
+    fn per_minute(name: &'static str, quota: NonZeroU32) -> Policy {
+        Policy {
+            name,
+            quota,
+            window: Duration::from_secs(60),
         }
     }
 
-    /// Spends one attempt for `ip` and for `account` (compared case-insensitively), or answers
-    /// 429 with the seconds until the next attempt is allowed.
-    pub fn check(&self, ip: IpAddr, account: &str) -> Result<(), Problem> {
-        let account = account.trim().to_lowercase();
-        let outcome = self
-            .per_ip
-            .check_key(&ip)
-            .and_then(|()| self.per_account.check_key(&account));
-        outcome.map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            Problem::new(
-                ErrorCode::RateLimited,
-                "Too many login attempts; wait before trying again.",
-            )
-            .with_header(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)))
+    fn emission_interval(&self) -> Duration {
+        self.window / self.quota.get()
+    }
+
+    /// `"default";q=600;w=60`
+    fn header_item(&self) -> String {
+        format!(
+            "\"{}\";q={};w={}",
+            self.name,
+            self.quota,
+            self.window.as_secs()
+        )
+    }
+}
+
+/// The outcome of spending one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Requests still allowed right now.
+    pub remaining: u32,
+    /// Until the bucket is full again.
+    pub reset: Duration,
+    /// Until the next request is allowed (zero when allowed).
+    pub retry_after: Duration,
+}
+
+fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+type Buckets = DefaultKeyedRateLimiter<String, StateInformationMiddleware>;
+
+/// This process's buckets, one keyed limiter per policy.
+struct LocalStore {
+    by_policy: HashMap<&'static str, Buckets>,
+}
+
+impl LocalStore {
+    fn new(policies: &[&Policy]) -> Self {
+        let by_policy = policies
+            .iter()
+            .map(|policy| {
+                let quota = Quota::with_period(policy.emission_interval())
+                    .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+                    .allow_burst(policy.quota);
+                (
+                    policy.name,
+                    Governor::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+                )
+            })
+            .collect();
+        LocalStore { by_policy }
+    }
+
+    fn decide(&self, policy: &Policy, key: &str) -> Decision {
+        let Some(buckets) = self.by_policy.get(policy.name) else {
+            // Every policy is registered in `RateLimiter::new`; an unknown one limits nothing.
+            return Decision {
+                allowed: true,
+                remaining: policy.quota.get(),
+                reset: Duration::ZERO,
+                retry_after: Duration::ZERO,
+            };
+        };
+        let interval = policy.emission_interval();
+        match buckets.check_key(&key.to_owned()) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Decision {
+                    allowed: true,
+                    remaining,
+                    reset: interval * (policy.quota.get() - remaining),
+                    retry_after: Duration::ZERO,
+                }
+            }
+            Err(not_until) => {
+                let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+                Decision {
+                    allowed: false,
+                    remaining: 0,
+                    reset: retry_after + interval * (policy.quota.get() - 1),
+                    retry_after,
+                }
+            }
+        }
+    }
+
+    fn forget_idle(&self) {
+        for buckets in self.by_policy.values() {
+            buckets.retain_recent();
+        }
+    }
+}
+
+/// GCRA in one atomic step. Returns {allowed, remaining, reset_ms, retry_after_ms}.
+const GCRA_SCRIPT: &str = r"
+local now_parts = redis.call('TIME')
+local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
+local interval = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local tolerance = interval * (quota - 1)
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+if now < tat - tolerance then
+  return {0, 0, tat - now, tat - tolerance - now}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
+local remaining = math.floor((now + tolerance - new_tat) / interval) + 1
+if remaining < 0 then remaining = 0 end
+return {1, remaining, new_tat - now, 0}
+";
+
+struct RedisStore {
+    connection: ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    async fn decide(&self, policy: &Policy, key: &str) -> anyhow::Result<Decision> {
+        let mut connection = self.connection.clone();
+        let mut invocation = self
+            .script
+            .key(format!("{}:{}:{key}", self.prefix, policy.name));
+        invocation
+            .arg(policy.emission_interval().as_millis() as u64)
+            .arg(policy.quota.get());
+        let reply: (u8, u32, u64, u64) =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await??;
+        let (allowed, remaining, reset_ms, retry_ms) = reply;
+        Ok(Decision {
+            allowed: allowed == 1,
+            remaining,
+            reset: Duration::from_millis(reset_ms),
+            retry_after: Duration::from_millis(retry_ms),
+        })
+    }
+}
+
+/// The limits and where their buckets live. Shared by the middleware and the login handler.
+pub struct RateLimiter {
+    pub default: Policy,
+    pub writes: Policy,
+    pub login_per_ip: Policy,
+    pub login_per_account: Policy,
+    local: LocalStore,
+    redis: Option<RedisStore>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("default", &self.default)
+            .field("shared", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// Builds the limiter; with a Redis URL the connection is made lazily, so the service starts
+    /// (and falls back to local buckets) while Redis is down.
+    pub fn new(config: &RateLimitConfig) -> anyhow::Result<Self> {
+        let default = Policy::per_minute("default", config.per_minute);
+        let writes = Policy::per_minute("writes", config.writes_per_minute);
+        let login_per_ip = Policy::per_minute("login_ip", config.login_per_ip);
+        let login_per_account = Policy::per_minute("login_account", config.login_per_account);
+        let local = LocalStore::new(&[&default, &writes, &login_per_ip, &login_per_account]);
+        let redis = match &config.redis_url {
+            None => None,
+            Some(url) => {
+                let client = redis::Client::open(secrecy::ExposeSecret::expose_secret(url))?;
+                let manager_config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.redis_timeout))
+                    .set_response_timeout(Some(config.redis_timeout))
+                    .set_number_of_retries(1);
+                Some(RedisStore {
+                    connection: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+                    script: redis::Script::new(GCRA_SCRIPT),
+                    prefix: config.redis_prefix.clone(),
+                    timeout: config.redis_timeout,
+                })
+            }
+        };
+        Ok(RateLimiter {
+            default,
+            writes,
+            login_per_ip,
+            login_per_account,
+            local,
+            redis,
         })
     }
 
-    /// Forgets buckets that are full again, so memory does not grow with every IP ever seen.
-    pub fn forget_idle(&self) {
-        self.per_ip.retain_recent();
-        self.per_account.retain_recent();
+    /// Spends one token of `policy` for `key`.
+    pub async fn decide(&self, policy: &Policy, key: &str) -> Decision {
+        if let Some(redis) = &self.redis {
+            match redis.decide(policy, key).await {
+                Ok(decision) => return decision,
+                Err(error) => {
+                    metrics::counter!(BACKEND_ERRORS).increment(1);
+                    tracing::warn!(%error, "rate-limit backend unavailable; using this process's buckets");
+                }
+            }
+        }
+        self.local.decide(policy, key)
     }
+
+    /// Login: one attempt from the IP's bucket and one from the account name's, whether or not
+    /// the account exists.
+    pub async fn check_login(&self, ip: IpAddr, account: &str) -> Result<(), Problem> {
+        let by_ip = self.decide(&self.login_per_ip, &ip_key(ip)).await;
+        let by_account = self
+            .decide(&self.login_per_account, &account.trim().to_lowercase())
+            .await;
+        match [by_ip, by_account]
+            .into_iter()
+            .filter(|decision| !decision.allowed)
+            .map(|decision| decision.retry_after)
+            .max()
+        {
+            None => Ok(()),
+            Some(wait) => Err(rejected(
+                wait,
+                "Too many login attempts; wait before trying again.",
+            )),
+        }
+    }
+
+    /// Forgets full local buckets, so memory does not grow with every key ever seen.
+    pub fn forget_idle(&self) {
+        self.local.forget_idle();
+    }
+}
+
+/// The bucket key for a client address. An IPv6 client usually holds a whole /64, so keying by
+/// its single address would give it 2^64 buckets.
+fn ip_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, 64)
+            .map_or_else(|_| v6.to_string(), |net| net.trunc().to_string()),
+    }
+}
+
+fn rejected(wait: Duration, detail: &'static str) -> Problem {
+    metrics::counter!(REJECTIONS).increment(1);
+    Problem::new(ErrorCode::RateLimited, detail).with_header(
+        header::RETRY_AFTER,
+        HeaderValue::from(ceil_secs(wait).max(1)),
+    )
+}
+
+/// Applies `default` (and `writes` to writes) to every `/v1` route, keyed by the principal or,
+/// for anonymous calls, the client IP, and adds the RateLimit headers. Runs after
+/// `auth::identify` (a principal is known) and before `auth::require` (401s carry the headers).
+pub async fn enforce(
+    State(limiter): State<Arc<RateLimiter>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let is_api = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|route| route.as_str().starts_with("/v1/"));
+    if !is_api {
+        return next.run(request).await;
+    }
+    let key = match (
+        request.extensions().get::<Principal>(),
+        request.extensions().get::<ClientIp>(),
+    ) {
+        (Some(principal), _) => format!("user:{}", principal.user_id),
+        (None, Some(ClientIp(ip))) => format!("ip:{}", ip_key(*ip)),
+        (None, None) => "ip:unknown".to_owned(),
+    };
+    let is_write = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    let mut applied = vec![(
+        &limiter.default,
+        limiter.decide(&limiter.default, &key).await,
+    )];
+    if is_write {
+        applied.push((&limiter.writes, limiter.decide(&limiter.writes, &key).await));
+    }
+
+    let denied = applied
+        .iter()
+        .filter(|(_, decision)| !decision.allowed)
+        .map(|(_, decision)| decision.retry_after)
+        .max();
+    let mut response = match denied {
+        Some(wait) => rejected(
+            wait,
+            "Too many requests; slow down and retry after `Retry-After` seconds.",
+        )
+        .into_response(),
+        None => next.run(request).await,
+    };
+    let policies = applied
+        .iter()
+        .map(|(policy, _)| policy.header_item())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let states = applied
+        .iter()
+        .map(|(policy, decision)| {
+            format!(
+                "\"{}\";r={};t={}",
+                policy.name,
+                decision.remaining,
+                ceil_secs(decision.reset)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    for (name, value) in [(RATELIMIT_POLICY, policies), (RATELIMIT, states)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn each_bucket_limits_on_its_own() {
-        let limiter = LoginLimiter::new(NonZeroU32::new(3).unwrap(), NonZeroU32::new(2).unwrap());
+    fn limiter(per_minute: u32) -> RateLimiter {
+        let quota = NonZeroU32::new(per_minute).unwrap();
+        RateLimiter::new(&RateLimitConfig {
+            per_minute: quota,
+            writes_per_minute: quota,
+            login_per_ip: NonZeroU32::new(3).unwrap(),
+            login_per_account: NonZeroU32::new(2).unwrap(),
+            redis_url: None,
+            redis_prefix: "test".into(),
+            redis_timeout: Duration::from_millis(100),
+            trusted_proxies: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_bucket_allows_its_quota_then_says_when_to_come_back() {
+        let limiter = limiter(3);
+        let remaining: Vec<u32> = [
+            limiter.decide(&limiter.default, "k").await,
+            limiter.decide(&limiter.default, "k").await,
+            limiter.decide(&limiter.default, "k").await,
+        ]
+        .iter()
+        .map(|decision| decision.remaining)
+        .collect();
+        assert_eq!(remaining, [2, 1, 0]);
+        let denied = limiter.decide(&limiter.default, "k").await;
+        assert!(!denied.allowed);
+        // One token comes back every 20 s (60 s / 3).
+        assert!(
+            denied.retry_after > Duration::from_secs(15)
+                && denied.retry_after <= Duration::from_secs(20),
+            "{denied:?}"
+        );
+        assert!(
+            limiter.decide(&limiter.default, "other").await.allowed,
+            "keys have their own buckets"
+        );
+    }
+
+    #[tokio::test]
+    async fn login_is_limited_per_ip_and_per_account() {
+        let limiter = limiter(100);
         let ip = IpAddr::from([10, 0, 0, 1]);
-        assert!(limiter.check(ip, "ann@example.com").is_ok());
-        assert!(limiter.check(ip, "ANN@example.com ").is_ok());
-        let limited = limiter.check(ip, "ann@example.com").unwrap_err();
+        assert!(limiter.check_login(ip, "ann@example.com").await.is_ok());
+        assert!(limiter.check_login(ip, "ANN@example.com ").await.is_ok());
+        let limited = limiter
+            .check_login(ip, "ann@example.com")
+            .await
+            .unwrap_err();
         assert_eq!(limited.code(), ErrorCode::RateLimited);
-        // The IP has one attempt left for another account, then it is limited too.
         assert!(
             limiter
-                .check(IpAddr::from([10, 0, 0, 2]), "bob@example.com")
-                .is_ok()
-        );
-        let other_ip = IpAddr::from([10, 0, 0, 9]);
-        assert!(
-            limiter.check(other_ip, "ann@example.com").is_err(),
+                .check_login(IpAddr::from([10, 0, 0, 9]), "ann@example.com")
+                .await
+                .is_err(),
             "the account is limited from any IP"
+        );
+        // The first IP has spent its 3 attempts: another account from it is refused too.
+        assert!(
+            limiter.check_login(ip, "bob@example.com").await.is_err(),
+            "the IP is limited for any account"
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_eq!(ip_key(a), "2001:db8:1:2::/64");
+        assert_eq!(ip_key(IpAddr::from([192, 0, 2, 1])), "192.0.2.1");
+    }
+
+    #[test]
+    fn policies_render_as_the_draft_asks() {
+        assert_eq!(
+            Policy::per_minute("default", NonZeroU32::new(600).unwrap()).header_item(),
+            "\"default\";q=600;w=60"
         );
     }
 }

@@ -33,9 +33,9 @@ impl Application {
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
-        let state = AppState::new(db, config);
+        let state = AppState::new(db, config)?;
         let readiness = state.readiness.clone();
-        let limiter = state.login_limiter.clone();
+        let limiter = state.rate_limiter.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {

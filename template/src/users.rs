@@ -48,8 +48,9 @@ pub struct Credentials {
     pub password_hash: String,
 }
 
-/// The account with this e-mail, if any.
-pub async fn find_credentials(db: &PgPool, email: &Email) -> anyhow::Result<Option<Credentials>> {
+/// The account with this e-mail, if any. Returns the database error as is, so that an outage
+/// becomes a 503 rather than a 500.
+pub async fn find_credentials(db: &PgPool, email: &Email) -> sqlx::Result<Option<Credentials>> {
     let row = sqlx::query!(
         "SELECT id, role, password_hash FROM users WHERE email = $1",
         email.as_str()
@@ -59,7 +60,8 @@ pub async fn find_credentials(db: &PgPool, email: &Email) -> anyhow::Result<Opti
     row.map(|row| {
         Ok(Credentials {
             id: row.id,
-            role: Role::from_stored(&row.role)?,
+            role: Role::from_stored(&row.role)
+                .map_err(|error| sqlx::Error::Decode(error.into()))?,
             password_hash: row.password_hash,
         })
     })

@@ -5,9 +5,8 @@
 //! a missing account), and the hashing runs on the blocking pool so a burst of logins cannot
 //! stall other requests.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, State};
+use axum::Extension;
+use axum::extract::State;
 use axum::http::StatusCode;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -18,16 +17,19 @@ use validator::Validate;
 
 use crate::app::AppState;
 use crate::auth::{Principal, password};
+use crate::client_ip::ClientIp;
 use crate::extract::Json;
-use crate::problem::{ErrorCode, Problem};
+use crate::problem::{ErrorCode, FieldError, Problem};
 use crate::users::{self, Email};
 use crate::validation::Valid;
 
 #[derive(Deserialize, Validate, ToSchema)]
 pub struct TokenRequest {
-    #[schema(example = "ann@example.com")]
+    /// At most 254 characters: longer cannot be an address, and the name keys a rate-limit bucket.
+    #[validate(length(max = 254, code = "length", message = "must be at most 254 characters"))]
+    #[schema(example = "ann@example.com", max_length = 254)]
     email: String,
-    #[schema(value_type = String, format = Password, example = "correct horse battery staple")]
+    #[schema(value_type = String, format = Password, max_length = 1024, example = "correct horse battery staple")]
     password: SecretString,
 }
 
@@ -41,6 +43,10 @@ pub struct TokenResponse {
     #[schema(example = 900)]
     pub expires_in: u64,
 }
+
+/// Caps the work one attempt can ask of the hasher. (Checked by hand: `validator` would copy the
+/// value into its error, and a secret must not be copied anywhere.)
+const MAX_PASSWORD_BYTES: usize = 1024;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -62,17 +68,25 @@ pub fn routes() -> OpenApiRouter<AppState> {
 )]
 pub async fn issue_token(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(client)): Extension<ClientIp>,
     body: Valid<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
     let request = body.value;
+    if secrecy::ExposeSecret::expose_secret(&request.password).len() > MAX_PASSWORD_BYTES {
+        return Err(Problem::validation(vec![FieldError {
+            pointer: "/password".into(),
+            code: "length".into(),
+            message: "must be at most 1024 bytes".into(),
+        }]));
+    }
     // Before any password work, so a storm of attempts cannot burn CPU either.
-    state.login_limiter.check(peer.ip(), &request.email)?;
+    state
+        .rate_limiter
+        .check_login(client, &request.email)
+        .await?;
     // A malformed e-mail is treated exactly like an unknown one.
     let account = match Email::parse(&request.email) {
-        Ok(email) => users::find_credentials(&state.db, &email)
-            .await
-            .map_err(Problem::internal)?,
+        Ok(email) => users::find_credentials(&state.db, &email).await?,
         Err(_) => None,
     };
     let stored_hash = account
@@ -117,8 +131,8 @@ pub async fn issue_token(
 )]
 pub async fn login(
     state: State<AppState>,
-    peer: ConnectInfo<SocketAddr>,
+    client: Extension<ClientIp>,
     body: Valid<TokenRequest>,
 ) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
-    issue_token(state, peer, body).await
+    issue_token(state, client, body).await
 }

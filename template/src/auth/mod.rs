@@ -1,9 +1,9 @@
 //! Authentication and authorization: who is calling (a verified bearer token), and default-deny.
 //!
-//! Prevents: the route someone adds next year without a guard. Authentication is one middleware
-//! over the whole router, and the only routes it lets through anonymously are the ones in
-//! [`PUBLIC_ROUTES`], matched by route template. Identity comes from the verified token alone,
-//! never from a header a client can set.
+//! Prevents: the route someone adds next year without a guard. Authentication is middleware over
+//! the whole router ([`identify`] verifies the token, [`require`] denies by default), and the only
+//! routes it lets through anonymously are the ones in [`PUBLIC_ROUTES`], matched by route
+//! template. Identity comes from the verified token alone, never from a header a client can set.
 
 pub mod login;
 pub mod password;
@@ -65,7 +65,7 @@ impl Principal {
 }
 
 /// Handlers take `Principal` as an argument. It is present on every non-public route, because
-/// [`authenticate`] rejected the request otherwise.
+/// [`require`] rejected the request otherwise.
 impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = Problem;
 
@@ -86,13 +86,33 @@ fn unauthenticated() -> Problem {
     .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
 }
 
-/// Default-deny: verifies the bearer token on every route not in [`PUBLIC_ROUTES`]. Requests that
-/// match no route pass through to the 404 fallback, which reveals nothing.
-pub async fn authenticate(
+/// Verifies the bearer token, if one is sent, and puts the [`Principal`] in the request. Rejects
+/// nothing itself: [`require`] does, after rate limiting has seen who is calling.
+pub async fn identify(
     State(keys): State<Arc<TokenKeys>>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    if let Some(token) = bearer_token(&request) {
+        match keys.verify(token) {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+            }
+            Err(error) => tracing::info!(%error, "rejected bearer token"),
+        }
+    }
+    let principal = request.extensions().get::<Principal>().copied();
+    let mut response = next.run(request).await;
+    if let Some(principal) = principal {
+        // For the request log line.
+        response.extensions_mut().insert(principal);
+    }
+    response
+}
+
+/// Default-deny: every route not in [`PUBLIC_ROUTES`] needs a principal, or answers 401.
+/// Requests that match no route pass through to the 404 fallback, which reveals nothing.
+pub async fn require(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -100,22 +120,11 @@ pub async fn authenticate(
     let is_public = route
         .as_deref()
         .is_none_or(|route| PUBLIC_ROUTES.contains(&route));
-    if is_public {
-        return next.run(request).await;
+    if is_public || request.extensions().get::<Principal>().is_some() {
+        next.run(request).await
+    } else {
+        unauthenticated().into_response()
     }
-    let principal = match bearer_token(&request).map(|token| keys.verify(token)) {
-        Some(Ok(principal)) => principal,
-        Some(Err(error)) => {
-            tracing::info!(%error, "rejected bearer token");
-            return unauthenticated().into_response();
-        }
-        None => return unauthenticated().into_response(),
-    };
-    request.extensions_mut().insert(principal);
-    let mut response = next.run(request).await;
-    // For the request log line.
-    response.extensions_mut().insert(principal);
-    response
 }
 
 fn bearer_token(request: &Request) -> Option<&str> {

@@ -277,8 +277,8 @@ async fn transition(
     order_outcome(StatusCode::OK, order)
 }
 
-const IDEMPOTENCY_DOC: &str = "Repeating a request with the same `Idempotency-Key` within 24 h returns the first \
-    response again with `Idempotent-Replayed: true`; the same key with a different request is 422 \
+const IDEMPOTENCY_DOC: &str = "Repeating a request with the same `Idempotency-Key` within the retention period \
+    (24 h by default) returns the first response again with `Idempotent-Replayed: true`; the same key with a different request is 422 \
     `idempotency_key_reused`; while the first is running, 409 `idempotency_key_in_use`.";
 
 // ---- Handlers ---------------------------------------------------------------------------------
@@ -430,12 +430,17 @@ pub async fn update_order(
     idempotency: Idempotency,
     body: Valid<UpdateOrderRequest>,
 ) -> Result<Response, Problem> {
-    if_match.require()?;
     let change = body.value;
     idempotency
         .run(&state.db, &principal, &body.digest, async |conn| {
+            // After the key is claimed, so a replay wins; a 428 is not stored.
+            if_match.require()?;
             let order = visible_to(store::find_for_update(conn, id).await?, &principal)?;
             if_match.check(&conditional::etag(order.version))?;
+            if change.note.is_none() && change.external_ref.is_none() {
+                // Nothing to change: no new version, so other clients' ETags stay valid.
+                return order_outcome(StatusCode::OK, order);
+            }
             if order.status != OrderStatus::Draft {
                 return Err(Problem::new(
                     ErrorCode::InvalidStateTransition,

@@ -238,7 +238,7 @@ async fn the_deprecated_login_route_works_and_says_so(db: PgPool) {
 async fn repeated_login_attempts_are_limited_per_account_and_per_ip(db: PgPool) {
     let config = test_config(&[
         ("LOGIN_ATTEMPTS_PER_MINUTE_PER_ACCOUNT", "3"),
-        ("LOGIN_ATTEMPTS_PER_MINUTE_PER_IP", "6"),
+        ("LOGIN_ATTEMPTS_PER_MINUTE_PER_IP", "8"),
     ]);
     let app = TestApp::spawn_with(db, config).await;
     let user = app.create_user(Role::Customer).await;
@@ -268,8 +268,8 @@ async fn repeated_login_attempts_are_limited_per_account_and_per_ip(db: PgPool) 
         "rate_limited"
     );
 
-    // An account that does not exist is limited the same way; this IP has 2 of 6 attempts left.
-    for _ in 0..2 {
+    // An account that does not exist is limited exactly the same way.
+    for _ in 0..3 {
         assert_eq!(
             attempt("ghost@example.com".into(), "whatever password")
                 .await
@@ -277,10 +277,39 @@ async fn repeated_login_attempts_are_limited_per_account_and_per_ip(db: PgPool) 
             StatusCode::UNAUTHORIZED
         );
     }
-    let ip_limited = attempt("third@example.com".into(), "whatever password").await;
     assert_eq!(
-        ip_limited.status(),
-        StatusCode::TOO_MANY_REQUESTS,
-        "the IP's bucket is empty"
+        attempt("ghost@example.com".into(), "whatever password")
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Eight attempts came from this IP: a ninth, for a fresh account, is refused by the IP's bucket.
+    assert_eq!(
+        attempt("third@example.com".into(), "whatever password")
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[sqlx::test]
+async fn login_during_a_database_outage_is_a_503_not_a_500(_db: PgPool) {
+    let config = test_config(&[
+        ("DATABASE_URL", "postgres://app:app@127.0.0.1:1/app"),
+        ("DATABASE_ACQUIRE_TIMEOUT_MS", "500"),
+    ]);
+    let unreachable = service::db::pool(&config.database).unwrap();
+    let app = TestApp::spawn_with(unreachable, config).await;
+    let response = token_request(
+        &app,
+        json!({"email": "ann@example.com", "password": "whatever password"}),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "service_unavailable"
     );
 }

@@ -1,6 +1,5 @@
 //! Every error, ours or the framework's, is the same problem+json document (E1–E3, V3, V4).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -8,15 +7,16 @@ use axum::routing::{get, post};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
+use service::app::AppState;
 use service::auth::Principal;
-use service::auth::token::TokenKeys;
 use service::config::HttpConfig;
+use service::db;
 use service::extract::{Json, Path};
 use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, serve};
+use crate::harness::{TestApp, serve, test_config};
 
 /// Reads a problem document and checks the members every problem must have.
 async fn problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
@@ -121,7 +121,8 @@ async fn test_routes(max_body_bytes: usize) -> (String, reqwest::Client) {
 }
 
 /// Routes that exist only here, behind exactly the production middleware stack, and a client
-/// whose bearer token passes its authentication.
+/// whose bearer token passes its authentication. The state's pool points nowhere: these routes
+/// never use it.
 async fn test_routes_with(http: HttpConfig) -> (String, reqwest::Client) {
     let routes = Router::new()
         .route(
@@ -135,14 +136,16 @@ async fn test_routes_with(http: HttpConfig) -> (String, reqwest::Client) {
         .route("/panic", get(panics))
         .route("/layer/{status}", get(layer_answers))
         .route("/sleep/{millis}", get(sleeps));
-    let tokens = Arc::new(TokenKeys::new(b"errors-test-key", Duration::from_secs(60)));
-    let token = tokens
+    let config = test_config(&[("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")]);
+    let state = AppState::new(db::pool(&config.database).unwrap(), &config).unwrap();
+    let token = state
+        .tokens
         .issue(&Principal {
             user_id: Uuid::now_v7(),
             role: Role::Customer,
         })
         .unwrap();
-    let base = serve(service::app::with_middleware(routes, tokens, &http)).await;
+    let base = serve(service::app::with_middleware(routes, &state, &http)).await;
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
     let client = reqwest::Client::builder()

@@ -18,6 +18,10 @@ use uuid::Uuid;
 
 /// The configuration tests start from: both listeners on loopback port 0, no shutdown delays.
 pub fn test_config(overrides: &[(&str, &str)]) -> Config {
+    // Rate limits use Redis when the suite has one (`REDIS_URL`), under a namespace of their own
+    // so that tests sharing the server never share buckets.
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_default();
+    let prefix = format!("test-{}", Uuid::now_v7());
     let mut vars: HashMap<String, String> = [
         ("DATABASE_URL", database_url().as_str()),
         ("API_ADDR", "127.0.0.1:0"),
@@ -25,6 +29,8 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
         ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
         ("SHUTDOWN_GRACE_PERIOD_SECS", "5"),
         ("SECRET_KEY", TEST_SECRET_KEY),
+        ("REDIS_URL", redis_url.as_str()),
+        ("RATE_LIMIT_REDIS_PREFIX", prefix.as_str()),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_owned(), value.to_owned()))
@@ -185,7 +191,13 @@ pub async fn serve(router: Router) -> String {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("bound");
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
     format!("http://{addr}")
 }
 

@@ -119,7 +119,7 @@ async fn fifty_concurrent_identical_requests_create_exactly_one_order(db: PgPool
         .collect();
     assert_eq!(created.len(), 1, "exactly one request ran the effect");
     let id = &created[0].3["id"];
-    for (status, replayed, retry_after, body) in &results {
+    for (status, _, retry_after, body) in &results {
         match *status {
             StatusCode::CREATED => assert!(body["id"] == *id, "a replay names the same order"),
             StatusCode::CONFLICT => {
@@ -128,7 +128,6 @@ async fn fifty_concurrent_identical_requests_create_exactly_one_order(db: PgPool
             }
             other => panic!("unexpected {other}: {body}"),
         }
-        assert!(*status != StatusCode::CREATED || *replayed || body["id"] == *id);
     }
     assert_eq!(orders_in_db(&app.db).await, 1);
 }
@@ -288,4 +287,73 @@ async fn expired_keys_are_purged_and_fresh_ones_kept(db: PgPool) {
         .await
         .unwrap();
     assert_eq!(left, 1);
+}
+
+#[sqlx::test]
+async fn a_stored_412_replays_with_its_etag_and_a_corrected_retry_needs_a_new_key(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let (order, etag) = create(&app, &token).await;
+    let path = format!("/v1/orders/{}", order["id"].as_str().unwrap());
+    let patch = |if_match: &str| {
+        app.call(Method::PATCH, &path, &token)
+            .header("idempotency-key", "edit-1")
+            .header("if-match", if_match)
+            .json(&json!({"note": "x"}))
+            .send()
+    };
+    let stale = patch("\"v0\"").await.unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    let replayed = patch("\"v0\"").await.unwrap();
+    assert_eq!(replayed.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        replayed.headers()["etag"],
+        etag.as_str(),
+        "the stored problem keeps its headers"
+    );
+
+    // Same key, corrected If-Match: a different request, not a replay of the 412.
+    let corrected = patch(&etag).await.unwrap();
+    assert_eq!(corrected.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        corrected.json::<Value>().await.unwrap()["code"],
+        "idempotency_key_reused"
+    );
+}
+
+#[sqlx::test]
+async fn a_missing_if_match_is_not_stored_but_a_replay_does_not_need_one(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let (order, etag) = create(&app, &token).await;
+    let path = format!("/v1/orders/{}", order["id"].as_str().unwrap());
+    let without = app
+        .call(Method::PATCH, &path, &token)
+        .header("idempotency-key", "edit-2")
+        .json(&json!({"note": "y"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), StatusCode::PRECONDITION_REQUIRED);
+    // The 428 did not claim the key.
+    let with = app
+        .call(Method::PATCH, &path, &token)
+        .header("idempotency-key", "edit-3")
+        .header("if-match", &etag)
+        .json(&json!({"note": "y"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with.status(), StatusCode::OK);
+    let free = app
+        .call(Method::PATCH, &path, &token)
+        .header("idempotency-key", "edit-2")
+        .header("if-match", with.headers()["etag"].to_str().unwrap())
+        .json(&json!({"note": "y"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(free.status(), StatusCode::OK);
+    assert!(free.headers().get("idempotent-replayed").is_none());
 }

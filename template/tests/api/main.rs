@@ -12,5 +12,6 @@ mod observability;
 mod openapi;
 mod orders;
 mod pagination;
+mod rate_limit;
 mod statements;
 mod users;

@@ -400,3 +400,56 @@ async fn read_only_fields_cannot_be_patched(db: PgPool) {
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["errors"].as_array().unwrap().len(), 2);
 }
+
+#[sqlx::test]
+async fn an_empty_patch_changes_nothing_and_keeps_the_etag(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let (order, etag) = create(&app, &token).await;
+    let response = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/orders/{}", order["id"].as_str().unwrap()),
+            &token,
+        )
+        .header("if-match", &etag)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["etag"], etag.as_str());
+}
+
+#[sqlx::test]
+async fn concurrent_transitions_are_serialised_by_the_row_lock(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let (order, _) = create(&app, &token).await;
+    let path = format!("/v1/orders/{}/submit", order["id"].as_str().unwrap());
+    let mut attempts = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let request = app.call(Method::POST, &path, &token);
+        attempts.spawn(async move { request.send().await.unwrap().status() });
+    }
+    let statuses = attempts.join_all().await;
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|status| **status == StatusCode::OK)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|status| *status == StatusCode::OK || *status == StatusCode::CONFLICT),
+        "{statuses:?}"
+    );
+    let version: i32 = sqlx::query_scalar("SELECT version FROM orders")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(version, 2, "one transition, one new version");
+}

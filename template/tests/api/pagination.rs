@@ -210,3 +210,40 @@ async fn a_page_of_orders_with_items_costs_the_same_queries_whatever_its_size(db
         "one query for the page, one for all its items"
     );
 }
+
+#[sqlx::test]
+async fn orders_created_in_the_same_instant_are_paged_by_id(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let user = app.create_user(Role::Customer).await;
+    let token = app.login(&user).await;
+    // One transaction: now() is the same for every row, so only the id orders them.
+    let mut tx = app.db.begin().await.unwrap();
+    let item = LineItem {
+        sku: Sku::parse("SKU-1".into()).unwrap(),
+        quantity: Quantity::parse(1).unwrap(),
+        unit_price: UnitPrice::parse(1).unwrap(),
+    };
+    let order = NewOrder {
+        currency: Currency::parse("EUR".into()).unwrap(),
+        items: vec![item],
+        note: None,
+        external_ref: None,
+    };
+    for _ in 0..25 {
+        store::insert(&mut tx, user.id, &order).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut seen = Vec::new();
+    let mut query = "?limit=10".to_owned();
+    loop {
+        let (_, _, body) = page(&app, &token, &query).await;
+        seen.extend(ids(&body));
+        match body["next_cursor"].as_str() {
+            Some(cursor) => query = format!("?limit=10&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!((seen.len(), unique.len()), (25, 25));
+}

@@ -1,0 +1,100 @@
+//! The client's IP address, for per-IP limits and logs.
+//!
+//! Prevents: a client choosing its own identity for rate limiting by sending
+//! `X-Forwarded-For: <random>`. The header is believed only when the TCP peer is one of
+//! `TRUSTED_PROXIES` (your load balancer), and then only up to the first hop that is not a
+//! trusted proxy itself: the rightmost untrusted address is the client.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::Response;
+use ipnet::IpNet;
+
+/// The resolved client address, in the request extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
+
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn new(networks: Vec<IpNet>) -> Self {
+        TrustedProxies(networks)
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|network| network.contains(&ip))
+    }
+
+    /// The client address for a request that arrived from `peer`.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|hop| hop.trim().parse().ok())
+            .collect();
+        hops.iter()
+            .rev()
+            .copied()
+            .find(|hop| !self.trusts(*hop))
+            .or(hops.first().copied())
+            .unwrap_or(peer)
+    }
+}
+
+/// Puts [`ClientIp`] in the request extensions.
+pub async fn resolve(
+    State(trusted): State<Arc<TrustedProxies>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
+    let client = trusted.client_ip(peer, request.headers());
+    request.extensions_mut().insert(ClientIp(client));
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(forwarded: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", forwarded.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_proxies() {
+        let proxies = TrustedProxies::new(vec!["10.0.0.0/8".parse().unwrap()]);
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.9".parse().unwrap();
+        assert_eq!(
+            proxies.client_ip(stranger, &headers("203.0.113.1")),
+            stranger,
+            "spoofed header ignored"
+        );
+        assert_eq!(
+            proxies.client_ip(proxy, &headers("203.0.113.1")),
+            "203.0.113.1".parse::<IpAddr>().unwrap()
+        );
+        // The client prepended a fake hop; the rightmost untrusted address is the real client.
+        assert_eq!(
+            proxies.client_ip(proxy, &headers("1.1.1.1, 203.0.113.1, 10.0.0.7")),
+            "203.0.113.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(proxies.client_ip(proxy, &HeaderMap::new()), proxy);
+    }
+}
