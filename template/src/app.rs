@@ -24,8 +24,8 @@ use crate::rate_limit::RateLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
 use crate::{
-    auth, client_ip, deprecation, health, keys, metrics, openapi, orders, overload, problem,
-    rate_limit, request_id, request_log, security_headers,
+    auth, client_ip, deprecation, health, keys, kill_switch, metrics, openapi, orders, overload,
+    problem, rate_limit, request_id, request_log, security_headers,
 };
 
 /// What handlers share. Cheap to clone: every field is a handle.
@@ -100,6 +100,8 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .layer(axum::middleware::from_fn(request_log::log_request))
             .layer(axum::middleware::from_fn(metrics::track_requests))
             .map_response(security_headers::set_defaults)
+            .option_layer(security_headers::hsts(http))
+            .option_layer(security_headers::cors(http))
             .layer(axum::middleware::from_fn(problem::render))
             .layer(CatchPanicLayer::custom(problem::from_panic))
             // Overload: refuse at once past the concurrency ceiling, abandon what runs too long.
@@ -126,6 +128,10 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             ))
             // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
             .layer(axum::middleware::from_fn(auth::require))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(http.disabled.clone()),
+                kill_switch::enforce,
+            ))
             // tower-http's limit covers every body, streamed or buffered; axum's own default
             // (2 MB, extractors only) is switched off so there is one number to configure.
             .layer(RequestBodyLimitLayer::new(http.max_body_bytes))

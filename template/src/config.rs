@@ -123,6 +123,13 @@ pub struct HttpConfig {
     /// Requests in flight at once before new ones are refused with 503
     /// (`MAX_CONCURRENT_REQUESTS`).
     pub max_concurrent_requests: usize,
+    /// Browser origins allowed to call the API (`CORS_ALLOWED_ORIGINS`); empty: none.
+    pub cors_allowed_origins: Vec<axum::http::HeaderValue>,
+    /// `Strict-Transport-Security` max-age (`HSTS_MAX_AGE_SECS`); set it only when clients reach
+    /// the service over HTTPS (TLS is terminated by the load balancer).
+    pub hsts_max_age: Option<u64>,
+    /// Features and routes switched off (`DISABLED_FEATURES`), see `kill_switch`.
+    pub disabled: Vec<crate::kill_switch::Switch>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +217,9 @@ impl Config {
         let request_timeout = env
             .parse_in_range("REQUEST_TIMEOUT_SECS", 10, 1..=600)
             .map(Duration::from_secs);
+        let cors_allowed_origins = env.origins("CORS_ALLOWED_ORIGINS");
+        let hsts_max_age = env.optional_in_range("HSTS_MAX_AGE_SECS", 0..=63_072_000);
+        let disabled = env.switches("DISABLED_FEATURES");
         let max_concurrent_requests =
             env.parse_in_range("MAX_CONCURRENT_REQUESTS", 256, 1..=100_000);
         let readiness_delay = env.seconds("SHUTDOWN_READINESS_DELAY_SECS", 5);
@@ -239,6 +249,9 @@ impl Config {
             Some(max_body_bytes),
             Some(request_timeout),
             Some(max_concurrent_requests),
+            Some(cors_allowed_origins),
+            Some(hsts_max_age),
+            Some(disabled),
             Some(readiness_delay),
             Some(grace_period),
         ) = (
@@ -265,6 +278,9 @@ impl Config {
             max_body_bytes,
             request_timeout,
             max_concurrent_requests,
+            cors_allowed_origins,
+            hsts_max_age,
+            disabled,
             readiness_delay,
             grace_period,
         )
@@ -291,6 +307,9 @@ impl Config {
                 max_body_bytes,
                 request_timeout,
                 max_concurrent_requests,
+                cors_allowed_origins,
+                hsts_max_age,
+                disabled,
             },
             shutdown: ShutdownConfig {
                 readiness_delay,
@@ -415,6 +434,54 @@ impl Reader<'_> {
                 Some(Some(SecretString::from(url)))
             }
             Some(_) => self.fail(name, "is not a valid redis:// URL".into()),
+        }
+    }
+
+    /// A comma-separated list of `scheme://host[:port]` origins.
+    fn origins(&mut self, name: &'static str) -> Option<Vec<axum::http::HeaderValue>> {
+        let raw = self.get(name).unwrap_or_default();
+        let mut origins = Vec::new();
+        for origin in raw
+            .split(',')
+            .map(str::trim)
+            .filter(|origin| !origin.is_empty())
+        {
+            let well_formed = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/');
+            match axum::http::HeaderValue::from_str(origin) {
+                Ok(value) if well_formed && origin != "*" => origins.push(value),
+                _ => {
+                    return self.fail(
+                        name,
+                        format!("{origin:?} is not an origin like https://app.example.com"),
+                    );
+                }
+            }
+        }
+        Some(origins)
+    }
+
+    fn optional_in_range(
+        &mut self,
+        name: &'static str,
+        range: RangeInclusive<u64>,
+    ) -> Option<Option<u64>> {
+        match self.get(name) {
+            None => Some(None),
+            Some(_) => self.parse_in_range(name, 0, range).map(Some),
+        }
+    }
+
+    fn switches(&mut self, name: &'static str) -> Option<Vec<crate::kill_switch::Switch>> {
+        let raw = self.get(name).unwrap_or_default();
+        let parsed: Result<Vec<_>, String> = raw
+            .split(',')
+            .filter(|entry| !entry.trim().is_empty())
+            .map(crate::kill_switch::Switch::parse)
+            .collect();
+        match parsed {
+            Ok(switches) => Some(switches),
+            Err(reason) => self.fail(name, reason),
         }
     }
 

@@ -5,7 +5,7 @@
 //! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process.
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
 //! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
-//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `client_ip`, `overload`,
+//!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `client_ip`, `overload`, `kill_switch`,
 //!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
 //! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`.
 
@@ -20,6 +20,7 @@ pub mod extract;
 pub mod health;
 pub mod idempotency;
 pub mod keys;
+pub mod kill_switch;
 pub mod metrics;
 pub mod openapi;
 pub mod orders;

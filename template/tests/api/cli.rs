@@ -2,6 +2,8 @@
 //! `create-user` (S3, S6), structured request logs (O1), and SIGTERM handling (R5).
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -314,4 +316,118 @@ async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPoo
             "{secret:?} appeared in the logs"
         );
     }
+}
+
+#[sqlx::test]
+async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
+    let email = service::users::Email::parse("loaded@example.com").unwrap();
+    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
+    service::users::create(&db, &email, service::users::Role::Customer, password)
+        .await
+        .unwrap();
+    let url = url_of(&db);
+    let mut child = command(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &url),
+            ("API_ADDR", "127.0.0.1:0"),
+            ("ADMIN_ADDR", "127.0.0.1:0"),
+            ("SHUTDOWN_READINESS_DELAY_SECS", "2"),
+            ("SHUTDOWN_GRACE_PERIOD_SECS", "10"),
+            ("RATE_LIMIT_PER_MINUTE", "100000"),
+            ("SECRET_KEY", TEST_SECRET_KEY),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
+    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    // Keep draining stdout so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let login: Value = client()
+        .post(format!("{api}/v1/auth/token"))
+        .json(&serde_json::json!({"email": "loaded@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().unwrap().to_owned();
+
+    // Traffic stops when readiness fails, as a load balancer's would.
+    let routed = Arc::new(AtomicBool::new(true));
+    let signalled = Arc::new(AtomicBool::new(false));
+    let balancer = {
+        let (routed, api) = (routed.clone(), api.clone());
+        tokio::spawn(async move {
+            let probe = client();
+            while routed.load(Ordering::SeqCst) {
+                if let Ok(response) = probe.get(format!("{api}/readyz")).send().await {
+                    if response.status() == 503 {
+                        routed.store(false, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (routed, signalled, api, token) = (
+            routed.clone(),
+            signalled.clone(),
+            api.clone(),
+            token.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let http = client();
+            let (mut served, mut served_after_signal, mut failed) = (0, 0, Vec::new());
+            while routed.load(Ordering::SeqCst) {
+                match http
+                    .get(format!("{api}/v1/orders"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                {
+                    Ok(response) if response.status() == 200 => {
+                        served += 1;
+                        if signalled.load(Ordering::SeqCst) {
+                            served_after_signal += 1;
+                        }
+                    }
+                    Ok(response) => failed.push(response.status().to_string()),
+                    Err(error) => failed.push(error.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (served, served_after_signal, failed)
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    signalled.store(true, Ordering::SeqCst);
+    terminate(&child);
+
+    let (mut served, mut served_after_signal, mut failed) = (0, 0, Vec::new());
+    for load in clients {
+        let (ok, after, errors) = load.await.unwrap();
+        served += ok;
+        served_after_signal += after;
+        failed.extend(errors);
+    }
+    balancer.await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(served > 20, "the load ran: {served}");
+    assert!(
+        served_after_signal > 0,
+        "requests kept being served between SIGTERM and the readiness failing"
+    );
 }

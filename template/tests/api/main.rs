@@ -4,6 +4,7 @@
 mod harness;
 
 mod auth;
+mod browser_and_switches;
 mod cli;
 mod errors;
 mod health;
@@ -11,6 +12,7 @@ mod idempotency;
 mod observability;
 mod openapi;
 mod orders;
+mod outage;
 mod pagination;
 mod rate_limit;
 mod statements;

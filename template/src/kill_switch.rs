@@ -1,0 +1,106 @@
+//! A kill switch: turn a feature or a single endpoint off without a deploy.
+//!
+//! Prevents: having to ship code, at the worst moment, to stop a feature that is failing,
+//! overloading a dependency or leaking data. `DISABLED_FEATURES` lists features (`orders`, which
+//! covers every `/v1/orders…` route) or single routes (`POST /v1/orders`); while listed they answer
+//! 503 `service_unavailable` with `Retry-After`, everything else keeps working. Change the
+//! variable and restart (a rolling restart, not a build). See `docs/kill-switch.md` for gradual
+//! rollout.
+
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::problem::{ErrorCode, Problem};
+
+/// One entry of `DISABLED_FEATURES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Switch {
+    /// Every route under `/v1/<name>`.
+    Feature(String),
+    /// One method on one route template.
+    Route { method: String, route: String },
+}
+
+impl Switch {
+    pub fn parse(entry: &str) -> Result<Switch, String> {
+        let entry = entry.trim();
+        match entry.split_once(' ') {
+            Some((method, route)) if route.trim().starts_with('/') => Ok(Switch::Route {
+                method: method.to_ascii_uppercase(),
+                route: route.trim().to_owned(),
+            }),
+            None if !entry.is_empty()
+                && entry
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+            {
+                Ok(Switch::Feature(entry.to_owned()))
+            }
+            _ => Err(format!(
+                "{entry:?} is neither a feature name nor `METHOD /route`"
+            )),
+        }
+    }
+
+    fn covers(&self, method: &str, route: &str) -> bool {
+        match self {
+            Switch::Feature(name) => {
+                let prefix = format!("/v1/{name}");
+                route == prefix || route.starts_with(&format!("{prefix}/"))
+            }
+            Switch::Route {
+                method: switched,
+                route: switched_route,
+            } => switched == method && switched_route == route,
+        }
+    }
+}
+
+/// How long clients are told to wait: features are switched back on by people, not in seconds.
+const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("60");
+
+pub async fn enforce(
+    State(switches): State<Arc<Vec<Switch>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let off = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|route| {
+            switches
+                .iter()
+                .any(|switch| switch.covers(request.method().as_str(), route.as_str()))
+        });
+    if off {
+        return Problem::new(
+            ErrorCode::ServiceUnavailable,
+            "This feature is switched off for now; retry later.",
+        )
+        .with_header(header::RETRY_AFTER, RETRY_AFTER_SECONDS)
+        .into_response();
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_cover_their_routes_and_routes_only_themselves() {
+        let orders = Switch::parse("orders").unwrap();
+        assert!(
+            orders.covers("GET", "/v1/orders") && orders.covers("POST", "/v1/orders/{id}/submit")
+        );
+        assert!(!orders.covers("GET", "/v1/orders-archive"));
+        let create = Switch::parse("post /v1/orders").unwrap();
+        assert!(create.covers("POST", "/v1/orders") && !create.covers("GET", "/v1/orders"));
+        assert!(Switch::parse("/v1/orders").is_err());
+        assert!(Switch::parse("orders; drop").is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! The database goes away and comes back (R6): fast 503 problems and failing readiness while it
+//! is down, recovery without a restart when it returns. The test runs its own throwaway Postgres
+//! (the project's `scripts/local-postgres.sh`), because stopping the suite's shared one would
+//! break every other test.
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use service::users::Role;
+
+use crate::harness::{TestApp, test_config};
+
+/// A Postgres cluster of the test's own, destroyed when dropped.
+struct OwnPostgres {
+    port: u16,
+    dir: String,
+}
+
+impl OwnPostgres {
+    fn script(&self, action: &str) -> String {
+        let output = Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/local-postgres.sh"
+            ))
+            .arg(action)
+            .env("PGPORT", self.port.to_string())
+            .env("PGDATA_DIR", &self.dir)
+            .env("DATABASE_NAME", "outage")
+            .output()
+            .expect("the script runs");
+        assert!(
+            output.status.success(),
+            "local-postgres.sh {action}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    fn start() -> (OwnPostgres, String) {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let postgres = OwnPostgres {
+            port,
+            dir: format!("/tmp/outage-test-postgres-{port}"),
+        };
+        let url = postgres
+            .script("start")
+            .trim_start_matches("DATABASE_URL=")
+            .to_owned();
+        (postgres, url)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/local-postgres.sh"
+            ))
+            .arg("destroy")
+            .env("PGPORT", self.port.to_string())
+            .env("PGDATA_DIR", &self.dir)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn with_postgres_stopped_requests_get_fast_503s_and_the_service_recovers_when_it_returns() {
+    let (postgres, url) = OwnPostgres::start();
+    let config = test_config(&[
+        ("DATABASE_URL", &url),
+        ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
+    ]);
+    let db = service::db::pool(&config.database).unwrap();
+    service::db::MIGRATOR.run(&db).await.unwrap();
+    let app = TestApp::spawn_with(db, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let orders = || app.call(Method::GET, "/v1/orders", &token).send();
+    assert_eq!(orders().await.unwrap().status(), StatusCode::OK);
+
+    postgres.script("stop");
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = orders().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "answered in {:?}, not hung",
+            started.elapsed()
+        );
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key("retry-after"));
+        assert_eq!(
+            response.json::<Value>().await.unwrap()["code"],
+            "service_unavailable"
+        );
+    }
+    assert_eq!(
+        app.get("/readyz").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        app.get("/livez").await.status(),
+        StatusCode::OK,
+        "the process is alive; do not restart it"
+    );
+
+    postgres.script("start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.get("/readyz").await.status() != StatusCode::OK {
+        assert!(Instant::now() < deadline, "readiness did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        orders().await.unwrap().status(),
+        StatusCode::OK,
+        "recovered without a restart"
+    );
+}
