@@ -365,10 +365,10 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
         tokio::spawn(async move {
             let probe = client();
             while routed.load(Ordering::SeqCst) {
-                if let Ok(response) = probe.get(format!("{api}/readyz")).send().await {
-                    if response.status() == 503 {
-                        routed.store(false, Ordering::SeqCst);
-                    }
+                if let Ok(response) = probe.get(format!("{api}/readyz")).send().await
+                    && response.status() == 503
+                {
+                    routed.store(false, Ordering::SeqCst);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
