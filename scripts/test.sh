@@ -4,10 +4,12 @@
 #
 #   bash scripts/test.sh
 #
-# What it runs, in order: tool installs; a render with every placeholder changed (`--git`) and
-# one with default values (`--path`); in the rendered service: rustfmt, clippy with warnings denied, an offline
-# build (SQLX_OFFLINE=true, no database), the offline-query check, the whole test suite against a
-# throwaway Postgres; finally the "Try it" command, end to end.
+# What it runs, in order: tool installs (cargo-generate, sqlx-cli, Redis, promtool); a render
+# with every placeholder changed (`--git`) and one with default values (`--path`); in the rendered
+# service: rustfmt, clippy with warnings denied, an offline build (SQLX_OFFLINE=true, no
+# database), the offline-query check, the whole test suite against a throwaway Postgres and
+# Redis, promtool on the alert rules; finally the "Try it" command end to end, running the
+# commands it prints, and promtool on the live service's metrics.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,6 +26,7 @@ step "Installing tools"
 bash "$root/scripts/install-cargo-generate.sh"
 bash "$root/scripts/install-sqlx-cli.sh"
 bash "$root/scripts/install-redis.sh"
+bash "$root/scripts/install-promtool.sh"
 
 work=$(mktemp -d /tmp/template-test.XXXXXX)
 chmod 755 "$work"
@@ -75,6 +78,9 @@ export REDIS_URL
 step "cargo test (real Postgres, real Redis)"
 SQLX_OFFLINE=true cargo test --locked --all-targets
 
+step "promtool check rules (the alert rules the service ships)"
+promtool check rules deploy/prometheus/alerts.yml
+
 step "Try it: the README's first command, end to end"
 PGPORT=$pg_port API_ADDR=127.0.0.1:18080 ADMIN_ADDR=127.0.0.1:19090 \
   bash "$root/scripts/try.sh" "$work/try/acme-orders" | tee "$work/try.log"
@@ -87,6 +93,8 @@ answer=$(bash -e "$work/try-commands.sh")
 echo "$answer"
 grep -q '"status":"pass"' <<<"$answer" || { echo "the readiness command did not pass" >&2; exit 1; }
 grep -q '"status":"draft"' <<<"$answer" || { echo "the create-order command did not create a draft" >&2; exit 1; }
+step "promtool check metrics (the live service's /metrics: every metric described, names well formed)"
+curl --fail --silent --show-error http://127.0.0.1:19090/metrics | promtool check metrics
 kill "$(cat "$work/try/acme-orders/service.pid")"
 
 step "All checks passed"

@@ -140,11 +140,13 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
 }
 
 /// The admin listener's application: metrics, and the operations endpoints the service grows.
-pub fn admin_router() -> Router {
-    metrics::admin_routes().fallback(problem::not_found).layer(
-        ServiceBuilder::new()
-            .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
-            .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
-            .layer(axum::middleware::from_fn(problem::render)),
-    )
+pub fn admin_router(db: PgPool) -> Router {
+    metrics::admin_routes(db)
+        .fallback(problem::not_found)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+                .layer(axum::middleware::from_fn(problem::render)),
+        )
 }

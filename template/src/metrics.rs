@@ -14,8 +14,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
 
 pub const REQUEST_DURATION: &str = "http_server_request_duration_seconds";
+pub const POOL_CONNECTIONS: &str = "db_pool_connections";
+pub const POOL_MAX_CONNECTIONS: &str = "db_pool_max_connections";
+pub const VALIDATION_FAILURES: &str = "validation_failures_total";
 
 /// The OpenTelemetry HTTP semantic-convention buckets, in seconds.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -43,11 +47,38 @@ pub fn recorder() -> PrometheusHandle {
         .clone()
 }
 
+/// Every metric the service exports, described once: Prometheus tooling (and `promtool check
+/// metrics`) rejects undescribed ones, and this is the list the alert rules may rely on.
 fn describe() {
-    metrics::describe_histogram!(
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
         REQUEST_DURATION,
-        metrics::Unit::Seconds,
+        Unit::Seconds,
         "Duration of HTTP requests on the public listener, by method, route template and status."
+    );
+    describe_gauge!(
+        POOL_CONNECTIONS,
+        "Database pool connections by state (idle, in_use)."
+    );
+    describe_gauge!(
+        POOL_MAX_CONNECTIONS,
+        "Database pool size limit (DATABASE_MAX_CONNECTIONS)."
+    );
+    describe_counter!(
+        VALIDATION_FAILURES,
+        "Request bodies rejected with 422 validation_failed."
+    );
+    describe_counter!(
+        crate::rate_limit::REJECTIONS,
+        "Requests refused with 429 by a rate limit, by policy."
+    );
+    describe_counter!(
+        crate::rate_limit::BACKEND_ERRORS,
+        "Rate-limit decisions that fell back to local buckets because Redis did not answer."
+    );
+    describe_counter!(
+        crate::idempotency::REPLAYS,
+        "Responses replayed for a repeated Idempotency-Key."
     );
 }
 
@@ -83,7 +114,7 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 }
 
 /// `GET /metrics` in the Prometheus text format, for the admin listener only.
-pub fn admin_routes() -> Router {
+pub fn admin_routes(db: PgPool) -> Router {
     let handle = recorder();
     // Histograms buffer samples until upkeep folds them in; without it memory grows between scrapes.
     let upkeep = handle.clone();
@@ -96,10 +127,22 @@ pub fn admin_routes() -> Router {
     });
     Router::new()
         .route("/metrics", get(render))
-        .with_state(handle)
+        .with_state(Scrape { handle, db })
 }
 
-async fn render(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+#[derive(Clone)]
+struct Scrape {
+    handle: PrometheusHandle,
+    db: PgPool,
+}
+
+/// Pool gauges are read at scrape time, from the pool itself: always current, no extra task.
+async fn render(State(Scrape { handle, db }): State<Scrape>) -> impl IntoResponse {
+    let (size, idle) = (db.size(), u32::try_from(db.num_idle()).unwrap_or(u32::MAX));
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use")
+        .set(f64::from(size.saturating_sub(idle)));
+    metrics::gauge!(POOL_MAX_CONNECTIONS).set(f64::from(db.options().get_max_connections()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -338,6 +338,7 @@ impl Problem {
 
     /// A 422 listing every failing field at once.
     pub fn validation(errors: Vec<FieldError>) -> Self {
+        metrics::counter!(crate::metrics::VALIDATION_FAILURES).increment(1);
         let detail = match errors.len() {
             1 => "1 field is invalid.".to_owned(),
             n => format!("{n} fields are invalid."),

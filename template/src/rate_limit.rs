@@ -275,15 +275,18 @@ impl RateLimiter {
         let by_account = self
             .decide(&self.login_per_account, &account.trim().to_lowercase())
             .await;
-        match [by_ip, by_account]
-            .into_iter()
-            .filter(|decision| !decision.allowed)
-            .map(|decision| decision.retry_after)
-            .max()
-        {
+        let denied = [
+            (&self.login_per_ip, by_ip),
+            (&self.login_per_account, by_account),
+        ]
+        .into_iter()
+        .filter(|(_, decision)| !decision.allowed)
+        .max_by_key(|(_, decision)| decision.retry_after);
+        match denied {
             None => Ok(()),
-            Some(wait) => Err(rejected(
-                wait,
+            Some((policy, decision)) => Err(rejected(
+                policy.name,
+                decision.retry_after,
                 "Too many login attempts; wait before trying again.",
             )),
         }
@@ -305,8 +308,8 @@ fn ip_key(ip: IpAddr) -> String {
     }
 }
 
-fn rejected(wait: Duration, detail: &'static str) -> Problem {
-    metrics::counter!(REJECTIONS).increment(1);
+fn rejected(policy: &'static str, wait: Duration, detail: &'static str) -> Problem {
+    metrics::counter!(REJECTIONS, "policy" => policy).increment(1);
     Problem::new(ErrorCode::RateLimited, detail).with_header(
         header::RETRY_AFTER,
         HeaderValue::from(ceil_secs(wait).max(1)),
@@ -351,11 +354,11 @@ pub async fn enforce(
     let denied = applied
         .iter()
         .filter(|(_, decision)| !decision.allowed)
-        .map(|(_, decision)| decision.retry_after)
-        .max();
+        .max_by_key(|(_, decision)| decision.retry_after);
     let mut response = match denied {
-        Some(wait) => rejected(
-            wait,
+        Some((policy, decision)) => rejected(
+            policy.name,
+            decision.retry_after,
             "Too many requests; slow down and retry after `Retry-After` seconds.",
         )
         .into_response(),

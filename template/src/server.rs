@@ -33,6 +33,7 @@ impl Application {
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
+        let admin = app::admin_router(db.clone());
         let state = AppState::new(db, config)?;
         let readiness = state.readiness.clone();
         let limiter = state.rate_limiter.clone();
@@ -49,7 +50,7 @@ impl Application {
             api_listener,
             admin_listener,
             api: app::public_router(state, &config.http),
-            admin: app::admin_router(),
+            admin,
             readiness,
             shutdown: config.shutdown.clone(),
         })

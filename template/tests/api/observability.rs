@@ -1,10 +1,13 @@
 //! Request ids, metrics on the admin listener, security headers (O2, O3, S4, S7).
 
+use std::collections::HashSet;
+
 use reqwest::StatusCode;
+use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::harness::TestApp;
+use crate::harness::{TestApp, test_config};
 
 #[sqlx::test]
 async fn request_ids_are_echoed_when_sane_and_generated_otherwise(db: PgPool) {
@@ -102,5 +105,111 @@ async fn every_response_carries_the_security_headers(db: PgPool) {
         assert_eq!(headers["referrer-policy"], "no-referrer", "{path}");
         assert!(headers.contains_key("content-security-policy"), "{path}");
         assert_eq!(headers["cache-control"], "no-store", "{path}");
+    }
+}
+
+/// The metric names a PromQL expression selects: identifiers with an underscore, outside quoted
+/// label values, minus functions.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in expr.chars().chain([' ']) {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        if !quoted && (c.is_ascii_alphanumeric() || c == '_') {
+            current.push(c);
+            continue;
+        }
+        if current.contains('_')
+            && current.starts_with(|c: char| c.is_ascii_lowercase())
+            && current != "histogram_quantile"
+        {
+            names.push(current.clone());
+        }
+        current.clear();
+    }
+    names
+}
+
+#[sqlx::test]
+async fn every_metric_the_alerts_and_dashboard_query_is_exported(db: PgPool) {
+    // Redis that never answers, so the fallback counter moves too.
+    let config = test_config(&[
+        ("RATE_LIMIT_PER_MINUTE", "3"),
+        ("REDIS_URL", "redis://127.0.0.1:1"),
+        ("REDIS_TIMEOUT_MS", "50"),
+    ]);
+    let app = TestApp::spawn_with(db, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let create = |body: serde_json::Value| {
+        app.call(reqwest::Method::POST, "/v1/orders", &token)
+            .header("idempotency-key", "metrics")
+            .json(&body)
+            .send()
+    };
+    create(serde_json::json!({"currency": "x", "items": []}))
+        .await
+        .unwrap();
+    create(crate::orders::order_body()).await.unwrap();
+    create(crate::orders::order_body()).await.unwrap();
+    assert_eq!(
+        create(crate::orders::order_body()).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    let scrape = app
+        .client
+        .get(format!("{}/metrics", app.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let described: HashSet<&str> = scrape
+        .lines()
+        .filter_map(|line| line.strip_prefix("# HELP ")?.split(' ').next())
+        .collect();
+    let exported = |name: &str| {
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        described.contains(name) || described.contains(family)
+    };
+
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let rules =
+        std::fs::read_to_string(format!("{manifest}/deploy/prometheus/alerts.yml")).unwrap();
+    let mut queried = Vec::new();
+    let mut in_expr = false;
+    for line in rules.lines() {
+        let trimmed = line.trim_start();
+        if let Some(expr) = trimmed.strip_prefix("expr:") {
+            in_expr = true;
+            queried.extend(metric_names(expr));
+        } else if in_expr && !trimmed.contains(':') {
+            queried.extend(metric_names(trimmed));
+        } else {
+            in_expr = false;
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{manifest}/deploy/grafana/dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queried.extend(metric_names(target["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(queried.len() > 10, "the queries were read: {queried:?}");
+    for name in &queried {
+        assert!(
+            exported(name),
+            "{name} is queried but not exported; exported: {described:?}"
+        );
     }
 }
