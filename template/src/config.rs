@@ -103,6 +103,8 @@ pub struct LogConfig {
     /// An `EnvFilter` directive such as `info` or `info,sqlx=warn` (`RUST_LOG`).
     pub filter: String,
     pub format: LogFormat,
+    /// `SENTRY_DSN`: where 5xx errors and panics are reported; unset, Sentry is inert.
+    pub sentry_dsn: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +214,7 @@ impl Config {
         let statement_timeout = env.millis("DATABASE_STATEMENT_TIMEOUT_MS", 5_000);
         let log_filter = env.log_filter("RUST_LOG", "info");
         let log_format = env.log_format("LOG_FORMAT");
+        let sentry_dsn = env.sentry_dsn("SENTRY_DSN");
         let max_body_bytes =
             env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
         let request_timeout = env
@@ -246,6 +249,7 @@ impl Config {
             Some(statement_timeout),
             Some(log_filter),
             Some(log_format),
+            Some(sentry_dsn),
             Some(max_body_bytes),
             Some(request_timeout),
             Some(max_concurrent_requests),
@@ -275,6 +279,7 @@ impl Config {
             statement_timeout,
             log_filter,
             log_format,
+            sentry_dsn,
             max_body_bytes,
             request_timeout,
             max_concurrent_requests,
@@ -302,6 +307,7 @@ impl Config {
             log: LogConfig {
                 filter: log_filter,
                 format: log_format,
+                sentry_dsn,
             },
             http: HttpConfig {
                 max_body_bytes,
@@ -423,6 +429,17 @@ impl Reader<'_> {
         match tracing_subscriber::EnvFilter::try_new(&filter) {
             Ok(_) => Some(filter),
             Err(error) => self.fail(name, format!("not a valid filter: {error}")),
+        }
+    }
+
+    /// Optional; when set, a DSN the Sentry client accepts.
+    fn sentry_dsn(&mut self, name: &'static str) -> Option<Option<SecretString>> {
+        match self.get(name) {
+            None => Some(None),
+            Some(dsn) if dsn.parse::<sentry::types::Dsn>().is_ok() => {
+                Some(Some(SecretString::from(dsn)))
+            }
+            Some(_) => self.fail(name, "is not a valid Sentry DSN".into()),
         }
     }
 

@@ -62,6 +62,7 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(&config.log);
+    let _sentry = telemetry::init_sentry(&config.log, config.environment);
     match run(command, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -479,6 +479,17 @@ pub async fn render(request: Request, next: Next) -> Response {
 
     if let Some(cause) = &problem.source {
         tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");
+        // Unexpected failures go to Sentry (a no-op without SENTRY_DSN); outages (503) are for
+        // metrics and alerts, not one event per request.
+        if problem.code == ErrorCode::InternalError {
+            sentry::with_scope(
+                |scope| {
+                    scope.set_tag("request_id", &request_id);
+                    scope.set_tag("path", &instance);
+                },
+                || sentry::integrations::anyhow::capture_anyhow(cause),
+            );
+        }
     }
     let code = problem.code;
     // A problem of ours has its code's status; a layer's response keeps the status it chose.

@@ -1,13 +1,16 @@
-//! Logging set-up: JSON lines on stdout for log shippers, or a readable format for a terminal.
+//! Logging and error reporting set-up: JSON lines on stdout for log shippers (or a readable
+//! format for a terminal), and Sentry for 5xx errors and panics when `SENTRY_DSN` is set.
 //!
-//! Prevents: logs that cannot be searched by field. Each line is one JSON object; lines written
-//! during a request carry the request's span (`request_id`, `method`, `route`).
+//! Prevents: logs that cannot be searched by field, and server errors nobody hears about. Each
+//! line is one JSON object; lines written during a request carry the request's span
+//! (`request_id`, `method`, `route`). Sentry events carry the same request id and the release,
+//! and are sent from the one place 500s are rendered (`problem::render`).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{Environment, LogConfig, LogFormat};
 
 pub fn init(config: &LogConfig) {
     // The filter was validated when the configuration was read.
@@ -33,4 +36,25 @@ pub fn init(config: &LogConfig) {
     std::panic::set_hook(Box::new(|info| {
         tracing::error!(panic = %info, "panic");
     }));
+}
+
+/// Starts the Sentry client when a DSN is configured; keep the guard alive for the process'
+/// lifetime (dropping it flushes pending events). Without a DSN nothing is sent.
+pub fn init_sentry(
+    config: &LogConfig,
+    environment: Environment,
+) -> Option<sentry::ClientInitGuard> {
+    let dsn = config.sentry_dsn.as_ref()?;
+    let options = sentry::ClientOptions::new()
+        .dsn(secrecy::ExposeSecret::expose_secret(dsn))
+        .release(concat!(
+            env!("CARGO_PKG_NAME"),
+            "@",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .environment(match environment {
+            Environment::Production => "production",
+            Environment::Development => "development",
+        });
+    Some(sentry::init(options))
 }

@@ -431,3 +431,118 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
         "requests kept being served between SIGTERM and the readiness failing"
     );
 }
+
+/// A stand-in for Sentry's ingestion endpoint: records every envelope posted to it.
+async fn sentry_receiver() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = received.clone();
+    let router = axum::Router::new().fallback(move |body: String| {
+        let store = store.clone();
+        async move {
+            store.lock().unwrap().push(body);
+            "{}"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (format!("http://public@{addr}/1"), received)
+}
+
+#[sqlx::test]
+async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool) {
+    let (dsn, received) = sentry_receiver().await;
+    let email = service::users::Email::parse("reported@example.com").unwrap();
+    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
+    service::users::create(&db, &email, service::users::Role::Customer, password)
+        .await
+        .unwrap();
+    let url = url_of(&db);
+    let mut child = command(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &url),
+            ("API_ADDR", "127.0.0.1:0"),
+            ("ADMIN_ADDR", "127.0.0.1:0"),
+            ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
+            ("SECRET_KEY", TEST_SECRET_KEY),
+            ("SENTRY_DSN", &dsn),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
+    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    let token = client()
+        .post(format!("{api}/v1/auth/token"))
+        .json(&serde_json::json!({"email": "reported@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A bug in production: the schema no longer matches the code.
+    sqlx::query("ALTER TABLE orders RENAME COLUMN note TO note_renamed")
+        .execute(&db)
+        .await
+        .unwrap();
+    let response = client()
+        .get(format!("{api}/v1/orders"))
+        .bearer_auth(&token)
+        .header("x-request-id", "sentry-check-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 500);
+    let body = response.text().await.unwrap();
+    assert!(
+        !body.contains("note"),
+        "the client sees nothing internal: {body}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let event = loop {
+        let found = received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|envelope| envelope.contains("sentry-check-1"))
+            .cloned();
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event reached the Sentry endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        event.contains(concat!(
+            "\"",
+            env!("CARGO_PKG_NAME"),
+            "@",
+            env!("CARGO_PKG_VERSION"),
+            "\""
+        )),
+        "tagged with the release: {event}"
+    );
+    assert!(
+        event.contains("note_renamed") || event.contains("note"),
+        "the cause is in the event: {event}"
+    );
+    assert!(
+        !event.contains(&token) && !event.contains(PASSWORD),
+        "no secrets in the event"
+    );
+    terminate(&child);
+    child.wait().await.unwrap();
+}
