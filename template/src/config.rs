@@ -105,6 +105,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// `SENTRY_DSN`: where 5xx errors and panics are reported; unset, Sentry is inert.
     pub sentry_dsn: Option<SecretString>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL, e.g. `http://collector:4318`): where
+    /// traces are exported; unset, no traces are exported and problems carry no `trace_id`.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +218,7 @@ impl Config {
         let log_filter = env.log_filter("RUST_LOG", "info");
         let log_format = env.log_format("LOG_FORMAT");
         let sentry_dsn = env.sentry_dsn("SENTRY_DSN");
+        let otlp_endpoint = env.http_url("OTEL_EXPORTER_OTLP_ENDPOINT");
         let max_body_bytes =
             env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
         let request_timeout = env
@@ -250,6 +254,7 @@ impl Config {
             Some(log_filter),
             Some(log_format),
             Some(sentry_dsn),
+            Some(otlp_endpoint),
             Some(max_body_bytes),
             Some(request_timeout),
             Some(max_concurrent_requests),
@@ -280,6 +285,7 @@ impl Config {
             log_filter,
             log_format,
             sentry_dsn,
+            otlp_endpoint,
             max_body_bytes,
             request_timeout,
             max_concurrent_requests,
@@ -308,6 +314,7 @@ impl Config {
                 filter: log_filter,
                 format: log_format,
                 sentry_dsn,
+                otlp_endpoint,
             },
             http: HttpConfig {
                 max_body_bytes,
@@ -429,6 +436,20 @@ impl Reader<'_> {
         match tracing_subscriber::EnvFilter::try_new(&filter) {
             Ok(_) => Some(filter),
             Err(error) => self.fail(name, format!("not a valid filter: {error}")),
+        }
+    }
+
+    /// Optional; when set, an `http://` or `https://` base URL without a trailing slash.
+    fn http_url(&mut self, name: &'static str) -> Option<Option<String>> {
+        match self.get(name) {
+            None => Some(None),
+            Some(url)
+                if (url.starts_with("http://") || url.starts_with("https://"))
+                    && !url.contains(' ') =>
+            {
+                Some(Some(url.trim_end_matches('/').to_owned()))
+            }
+            Some(_) => self.fail(name, "must be an http:// or https:// URL".into()),
         }
     }
 

@@ -262,6 +262,7 @@ impl Idempotency {
 
     /// Inserts the key, or explains why this request must not run: `Some(replay)` for a finished
     /// duplicate, an error for a reused or in-flight key.
+    #[tracing::instrument(name = "idempotency.claim", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
     async fn claim(
         &self,
         conn: &mut PgConnection,

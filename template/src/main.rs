@@ -61,9 +61,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&config.log);
+    let tracer = telemetry::init(&config.log);
     let _sentry = telemetry::init_sentry(&config.log, config.environment);
-    match run(command, config).await {
+    let outcome = run(command, config).await;
+    if let Some(tracer) = tracer {
+        // Flush the spans still buffered; blocking, so off the async threads.
+        let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "exiting after an error");

@@ -12,6 +12,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::auth::Principal;
 use crate::problem::ErrorCode;
@@ -33,17 +34,39 @@ pub async fn log_request(request: Request, next: Next) -> Response {
     let route = route_of(&request);
     // Error level, so that the span (and the request id it carries) exists at every log level:
     // with `RUST_LOG=warn` an info span would be disabled and warnings would lose their context.
+    // The `otel.*` and `http.*` fields make it an OpenTelemetry server span named
+    // `{METHOD} {route}` (semantic conventions) when traces are exported.
     let span = tracing::error_span!(
         "request",
         request_id = crate::request_id::of(&request),
         method = %method,
         route = %route,
         principal = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
     );
+    // Continue the caller's trace (W3C `traceparent`); an invalid or missing one starts a new one.
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(request.headers()))
+    });
+    let _ = span.set_parent(parent);
+    if let Some(trace_id) = span.in_scope(crate::telemetry::current_trace_id) {
+        span.record("trace_id", trace_id);
+    }
 
     let response = next.run(request).instrument(span.clone()).await;
 
     let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let error_code = response
         .extensions()

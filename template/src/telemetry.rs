@@ -1,21 +1,47 @@
-//! Logging and error reporting set-up: JSON lines on stdout for log shippers (or a readable
-//! format for a terminal), and Sentry for 5xx errors and panics when `SENTRY_DSN` is set.
+//! Logging, tracing and error reporting set-up: JSON lines on stdout for log shippers (or a
+//! readable format for a terminal), OpenTelemetry traces over OTLP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and Sentry for 5xx errors and panics when `SENTRY_DSN` is
+//! set.
 //!
 //! Prevents: logs that cannot be searched by field, and server errors nobody hears about. Each
 //! line is one JSON object; lines written during a request carry the request's span
 //! (`request_id`, `method`, `route`). Sentry events carry the same request id and the release,
 //! and are sent from the one place 500s are rendered (`problem::render`).
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::{Environment, LogConfig, LogFormat};
 
-pub fn init(config: &LogConfig) {
+/// Installs logging and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export. Returns the
+/// tracer provider to shut down (and so flush) before the process exits.
+pub fn init(config: &LogConfig) -> Option<SdkTracerProvider> {
     // The filter was validated when the configuration was read.
     let filter = EnvFilter::try_new(&config.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider =
+        config
+            .otlp_endpoint
+            .as_deref()
+            .and_then(|endpoint| match tracer_provider(endpoint) {
+                Ok(provider) => Some(provider),
+                Err(error) => {
+                    eprintln!("cannot set up trace export to {endpoint}: {error}");
+                    None
+                }
+            });
+    // W3C `traceparent` in (and out, for any call that injects it), even without export, so a
+    // caller's trace id still reaches the logs.
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(traces);
     let result = match config.format {
         LogFormat::Json => registry
             .with(
@@ -23,7 +49,8 @@ pub fn init(config: &LogConfig) {
                     .json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(false),
+                    // The list keeps the request span's fields on events logged inside nested spans.
+                    .with_span_list(true),
             )
             .try_init(),
         LogFormat::Pretty => registry.with(fmt::layer()).try_init(),
@@ -36,6 +63,33 @@ pub fn init(config: &LogConfig) {
     std::panic::set_hook(Box::new(|info| {
         tracing::error!(panic = %info, "panic");
     }));
+    provider
+}
+
+fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{endpoint}/v1/traces"))
+        .with_timeout(std::time::Duration::from_secs(5))
+        .build()?;
+    let resource = Resource::builder()
+        .with_service_name(env!("CARGO_PKG_NAME"))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+/// The current request's trace id, when traces are exported.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let context = tracing::Span::current().context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }
 
 /// Starts the Sentry client when a DSN is configured; keep the guard alive for the process'

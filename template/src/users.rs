@@ -50,6 +50,7 @@ pub struct Credentials {
 
 /// The account with this e-mail, if any. Returns the database error as is, so that an outage
 /// becomes a 503 rather than a 500.
+#[tracing::instrument(name = "users.find_credentials", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn find_credentials(db: &PgPool, email: &Email) -> sqlx::Result<Option<Credentials>> {
     let row = sqlx::query!(
         "SELECT id, role, password_hash FROM users WHERE email = $1",

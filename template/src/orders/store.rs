@@ -1,5 +1,6 @@
 //! The SQL for orders. Every read of several orders fetches their items in one extra query
-//! (`WHERE order_id = ANY($1)`), so a page costs two queries whatever its size.
+//! (`WHERE order_id = ANY($1)`), so a page costs two queries whatever its size. Each function is
+//! a client span (`orders.list` …) under the request's trace.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -52,6 +53,7 @@ pub struct ListFilter {
     pub status: Option<OrderStatus>,
 }
 
+#[tracing::instrument(name = "orders.insert", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn insert(conn: &mut PgConnection, owner: Uuid, order: &NewOrder) -> sqlx::Result<Order> {
     let id = Uuid::now_v7();
     let row = sqlx::query_as!(
@@ -101,6 +103,7 @@ pub async fn insert(conn: &mut PgConnection, owner: Uuid, order: &NewOrder) -> s
     orders.pop().ok_or(sqlx::Error::RowNotFound)
 }
 
+#[tracing::instrument(name = "orders.find", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Order>> {
     let row = sqlx::query_as!(
         OrderRow,
@@ -115,6 +118,7 @@ pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Orde
 
 /// Like [`find`], and locks the row until the transaction ends, so that the checks made on it
 /// (owner, version, state) still hold when the update runs.
+#[tracing::instrument(name = "orders.find_for_update", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn find_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Order>> {
     let row = sqlx::query_as!(
         OrderRow,
@@ -129,6 +133,7 @@ pub async fn find_for_update(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<
 
 /// One page, newest first, strictly after `after`. Each filter combination has its own query
 /// so that each is served by its own index (see the orders migration).
+#[tracing::instrument(name = "orders.list", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn list(
     conn: &mut PgConnection,
     filter: ListFilter,
@@ -198,6 +203,7 @@ pub async fn list(
 }
 
 /// Sets the editable fields and bumps the version.
+#[tracing::instrument(name = "orders.update_details", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn update_details(
     conn: &mut PgConnection,
     order: Order,
@@ -219,6 +225,7 @@ pub async fn update_details(
 }
 
 /// Moves the order to `status` and bumps the version.
+#[tracing::instrument(name = "orders.set_status", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn set_status(
     conn: &mut PgConnection,
     order: Order,
@@ -238,6 +245,7 @@ pub async fn set_status(
 }
 
 /// Attaches the items of every order in `rows` with one query, keeping the rows' order.
+#[tracing::instrument(name = "order_items.select", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 async fn with_items(conn: &mut PgConnection, rows: Vec<OrderRow>) -> sqlx::Result<Vec<Order>> {
     if rows.is_empty() {
         return Ok(Vec::new());

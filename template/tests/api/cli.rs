@@ -546,3 +546,109 @@ async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool
     terminate(&child);
     child.wait().await.unwrap();
 }
+
+/// A stand-in for an OTLP/HTTP collector: records the raw bodies posted to it.
+async fn otlp_receiver() -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = received.clone();
+    let router = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let store = store.clone();
+        async move {
+            store.lock().unwrap().push(body.to_vec());
+            ""
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (format!("http://{addr}"), received)
+}
+
+#[sqlx::test]
+async fn traces_continue_the_callers_traceparent_and_reach_the_collector(db: PgPool) {
+    let (endpoint, received) = otlp_receiver().await;
+    let email = service::users::Email::parse("traced@example.com").unwrap();
+    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
+    service::users::create(&db, &email, service::users::Role::Customer, password)
+        .await
+        .unwrap();
+    let url = url_of(&db);
+    let mut child = command(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &url),
+            ("API_ADDR", "127.0.0.1:0"),
+            ("ADMIN_ADDR", "127.0.0.1:0"),
+            ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
+            ("SECRET_KEY", TEST_SECRET_KEY),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
+    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    let token = client()
+        .post(format!("{api}/v1/auth/token"))
+        .json(&serde_json::json!({"email": "traced@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let missing = uuid::Uuid::now_v7();
+    let response = client()
+        .get(format!("{api}/v1/orders/{missing}"))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(
+        problem["trace_id"], trace_id,
+        "the problem names the caller's trace"
+    );
+    let line = next_log_line(&mut logs, |line| {
+        line["message"] == "request" && line["status"] == 404
+    })
+    .await;
+    assert_eq!(
+        line["span"]["trace_id"], trace_id,
+        "and so does the log line"
+    );
+
+    // Shutting down flushes the batch of spans to the collector.
+    terminate(&child);
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let exported: Vec<u8> = received.lock().unwrap().concat();
+    let contains = |needle: &[u8]| {
+        exported
+            .windows(needle.len())
+            .any(|window| window == needle)
+    };
+    let trace_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        contains(&trace_bytes),
+        "spans of the caller's trace were exported"
+    );
+    assert!(
+        contains(b"GET /v1/orders/{id}"),
+        "the server span is named after the route template"
+    );
+    assert!(contains(b"orders.find"), "with a database span under it");
+}
