@@ -148,26 +148,64 @@ fn terminate(child: &Child) {
     assert!(status.success());
 }
 
-#[sqlx::test]
-async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: PgPool) {
-    let url = url_of(&db);
-    let mut child = command(
-        &["serve"],
-        &[
-            ("DATABASE_URL", &url),
-            ("API_ADDR", "127.0.0.1:0"),
-            ("ADMIN_ADDR", "127.0.0.1:0"),
-            ("SHUTDOWN_READINESS_DELAY_SECS", "1"),
-            ("SECRET_KEY", TEST_SECRET_KEY),
-        ],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+/// The real binary serving on loopback port 0, with its log lines.
+struct Served {
+    child: Child,
+    api: String,
+    logs: tokio::io::Lines<BufReader<ChildStdout>>,
+}
 
+/// Runs `serve` against the test's database; `vars` add to or override the defaults.
+async fn serve(db: &PgPool, vars: &[(&str, &str)]) -> Served {
+    let url = url_of(db);
+    let mut all = vec![
+        ("DATABASE_URL", url.as_str()),
+        ("API_ADDR", "127.0.0.1:0"),
+        ("ADMIN_ADDR", "127.0.0.1:0"),
+        ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
+        ("SECRET_KEY", TEST_SECRET_KEY),
+    ];
+    all.retain(|(name, _)| !vars.iter().any(|(other, _)| other == name));
+    all.extend_from_slice(vars);
+    let mut child = command(&["serve"], &all)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
     let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
     let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    Served { child, api, logs }
+}
+
+async fn create_customer(db: &PgPool, email: &str) {
+    let email = service::users::Email::parse(email).unwrap();
+    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
+    service::users::create(db, &email, service::users::Role::Customer, password)
+        .await
+        .unwrap();
+}
+
+/// Logs in over HTTP, as a client would.
+async fn login(api: &str, email: &str) -> String {
+    let body: Value = client()
+        .post(format!("{api}/v1/auth/token"))
+        .json(&serde_json::json!({"email": email, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+#[sqlx::test]
+async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: PgPool) {
+    let Served {
+        mut child,
+        api,
+        mut logs,
+    } = serve(&db, &[("SHUTDOWN_READINESS_DELAY_SECS", "1")]).await;
     let client = client();
 
     let response = client
@@ -243,41 +281,22 @@ async fn the_openapi_subcommand_prints_the_document_without_configuration() {
 
 #[sqlx::test]
 async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPool) {
-    let email = service::users::Email::parse("secretive@example.com").unwrap();
-    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
-    service::users::create(&db, &email, service::users::Role::Customer, password)
-        .await
-        .unwrap();
-    let url = url_of(&db);
-    let mut child = command(
-        &["serve"],
+    create_customer(&db, "secretive@example.com").await;
+    let Served {
+        mut child,
+        api,
+        mut logs,
+    } = serve(
+        &db,
         &[
-            ("DATABASE_URL", &url),
-            ("API_ADDR", "127.0.0.1:0"),
-            ("ADMIN_ADDR", "127.0.0.1:0"),
             ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
-            ("SECRET_KEY", TEST_SECRET_KEY),
             ("RUST_LOG", "debug"),
         ],
     )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
-    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    .await;
     let client = client();
 
-    let login: Value = client
-        .post(format!("{api}/v1/auth/token"))
-        .json(&serde_json::json!({"email": "secretive@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_owned();
+    let token = login(&api, "secretive@example.com").await;
     let orders = client
         .get(format!("{api}/v1/orders"))
         .bearer_auth(&token)
@@ -320,42 +339,23 @@ async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPoo
 
 #[sqlx::test]
 async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
-    let email = service::users::Email::parse("loaded@example.com").unwrap();
-    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
-    service::users::create(&db, &email, service::users::Role::Customer, password)
-        .await
-        .unwrap();
-    let url = url_of(&db);
-    let mut child = command(
-        &["serve"],
+    create_customer(&db, "loaded@example.com").await;
+    let Served {
+        mut child,
+        api,
+        mut logs,
+    } = serve(
+        &db,
         &[
-            ("DATABASE_URL", &url),
-            ("API_ADDR", "127.0.0.1:0"),
-            ("ADMIN_ADDR", "127.0.0.1:0"),
             ("SHUTDOWN_READINESS_DELAY_SECS", "2"),
             ("SHUTDOWN_GRACE_PERIOD_SECS", "10"),
             ("RATE_LIMIT_PER_MINUTE", "100000"),
-            ("SECRET_KEY", TEST_SECRET_KEY),
         ],
     )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
-    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    .await;
     // Keep draining stdout so the process never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
-    let login: Value = client()
-        .post(format!("{api}/v1/auth/token"))
-        .json(&serde_json::json!({"email": "loaded@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_owned();
+    let token = login(&api, "loaded@example.com").await;
 
     // Traffic stops when readiness fails, as a load balancer's would.
     let routed = Arc::new(AtomicBool::new(true));
@@ -432,62 +432,40 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
     );
 }
 
-/// A stand-in for Sentry's ingestion endpoint: records every envelope posted to it.
-async fn sentry_receiver() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+/// A stand-in for an outside collector (Sentry's ingestion endpoint, an OTLP/HTTP collector):
+/// records the raw body of every request posted to it. Returns its address (`127.0.0.1:port`).
+async fn recording_endpoint() -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     let received = Arc::new(std::sync::Mutex::new(Vec::new()));
     let store = received.clone();
-    let router = axum::Router::new().fallback(move |body: String| {
+    let router = axum::Router::new().fallback(move |body: axum::body::Bytes| {
         let store = store.clone();
         async move {
-            store.lock().unwrap().push(body);
+            store.lock().unwrap().push(body.to_vec());
             "{}"
         }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });
-    (format!("http://public@{addr}/1"), received)
+    (addr.to_string(), received)
 }
 
 #[sqlx::test]
 async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool) {
-    let (dsn, received) = sentry_receiver().await;
-    let email = service::users::Email::parse("reported@example.com").unwrap();
-    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
-    service::users::create(&db, &email, service::users::Role::Customer, password)
-        .await
-        .unwrap();
-    let url = url_of(&db);
-    let mut child = command(
-        &["serve"],
-        &[
-            ("DATABASE_URL", &url),
-            ("API_ADDR", "127.0.0.1:0"),
-            ("ADMIN_ADDR", "127.0.0.1:0"),
-            ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
-            ("SECRET_KEY", TEST_SECRET_KEY),
-            ("SENTRY_DSN", &dsn),
-        ],
+    let (addr, received) = recording_endpoint().await;
+    let dsn = format!("http://public@{addr}/1");
+    create_customer(&db, "reported@example.com").await;
+    let Served {
+        mut child,
+        api,
+        mut logs,
+    } = serve(
+        &db,
+        &[("SHUTDOWN_READINESS_DELAY_SECS", "0"), ("SENTRY_DSN", &dsn)],
     )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
-    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
+    .await;
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
-    let token = client()
-        .post(format!("{api}/v1/auth/token"))
-        .json(&serde_json::json!({"email": "reported@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = login(&api, "reported@example.com").await;
 
     // A bug in production: the schema no longer matches the code.
     sqlx::query("ALTER TABLE orders RENAME COLUMN note TO note_renamed")
@@ -514,8 +492,8 @@ async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool
             .lock()
             .unwrap()
             .iter()
-            .find(|envelope| envelope.contains("sentry-check-1"))
-            .cloned();
+            .map(|body| String::from_utf8_lossy(body).into_owned())
+            .find(|envelope| envelope.contains("sentry-check-1"));
         if let Some(event) = found {
             break event;
         }
@@ -547,61 +525,24 @@ async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool
     child.wait().await.unwrap();
 }
 
-/// A stand-in for an OTLP/HTTP collector: records the raw bodies posted to it.
-async fn otlp_receiver() -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
-    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let store = received.clone();
-    let router = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let store = store.clone();
-        async move {
-            store.lock().unwrap().push(body.to_vec());
-            ""
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (format!("http://{addr}"), received)
-}
-
 #[sqlx::test]
 async fn traces_continue_the_callers_traceparent_and_reach_the_collector(db: PgPool) {
-    let (endpoint, received) = otlp_receiver().await;
-    let email = service::users::Email::parse("traced@example.com").unwrap();
-    let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
-    service::users::create(&db, &email, service::users::Role::Customer, password)
-        .await
-        .unwrap();
-    let url = url_of(&db);
-    let mut child = command(
-        &["serve"],
+    let (addr, received) = recording_endpoint().await;
+    let endpoint = format!("http://{addr}");
+    create_customer(&db, "traced@example.com").await;
+    let Served {
+        mut child,
+        api,
+        mut logs,
+    } = serve(
+        &db,
         &[
-            ("DATABASE_URL", &url),
-            ("API_ADDR", "127.0.0.1:0"),
-            ("ADMIN_ADDR", "127.0.0.1:0"),
             ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
-            ("SECRET_KEY", TEST_SECRET_KEY),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
         ],
     )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listening = next_log_line(&mut logs, |line| line["message"] == "listening").await;
-    let api = format!("http://{}", listening["api_addr"].as_str().unwrap());
-    let token = client()
-        .post(format!("{api}/v1/auth/token"))
-        .json(&serde_json::json!({"email": "traced@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    .await;
+    let token = login(&api, "traced@example.com").await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let missing = uuid::Uuid::now_v7();
