@@ -108,6 +108,9 @@ pub struct LogConfig {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL, e.g. `http://collector:4318`): where
     /// traces are exported; unset, no traces are exported and problems carry no `trace_id`.
     pub otlp_endpoint: Option<String>,
+    /// Cap on every outbound HTTP call the service makes (trace export today, webhooks later)
+    /// (`OUTBOUND_HTTP_TIMEOUT_MS`).
+    pub outbound_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +222,7 @@ impl Config {
         let log_format = env.log_format("LOG_FORMAT");
         let sentry_dsn = env.sentry_dsn("SENTRY_DSN");
         let otlp_endpoint = env.http_url("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let outbound_timeout = env.millis("OUTBOUND_HTTP_TIMEOUT_MS", 5_000);
         let max_body_bytes =
             env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
         let request_timeout = env
@@ -255,6 +259,7 @@ impl Config {
             Some(log_format),
             Some(sentry_dsn),
             Some(otlp_endpoint),
+            Some(outbound_timeout),
             Some(max_body_bytes),
             Some(request_timeout),
             Some(max_concurrent_requests),
@@ -286,6 +291,7 @@ impl Config {
             log_format,
             sentry_dsn,
             otlp_endpoint,
+            outbound_timeout,
             max_body_bytes,
             request_timeout,
             max_concurrent_requests,
@@ -315,6 +321,7 @@ impl Config {
                 format: log_format,
                 sentry_dsn,
                 otlp_endpoint,
+                outbound_timeout,
             },
             http: HttpConfig {
                 max_body_bytes,

@@ -24,17 +24,15 @@ use crate::config::{Environment, LogConfig, LogFormat};
 pub fn init(config: &LogConfig) -> Option<SdkTracerProvider> {
     // The filter was validated when the configuration was read.
     let filter = EnvFilter::try_new(&config.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let provider =
-        config
-            .otlp_endpoint
-            .as_deref()
-            .and_then(|endpoint| match tracer_provider(endpoint) {
-                Ok(provider) => Some(provider),
-                Err(error) => {
-                    eprintln!("cannot set up trace export to {endpoint}: {error}");
-                    None
-                }
-            });
+    let provider = config.otlp_endpoint.as_deref().and_then(|endpoint| {
+        match tracer_provider(endpoint, config.outbound_timeout) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                eprintln!("cannot set up trace export to {endpoint}: {error}");
+                None
+            }
+        }
+    });
     // W3C `traceparent` in (and out, for any call that injects it), even without export, so a
     // caller's trace id still reaches the logs.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -66,11 +64,14 @@ pub fn init(config: &LogConfig) -> Option<SdkTracerProvider> {
     provider
 }
 
-fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+fn tracer_provider(
+    endpoint: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<SdkTracerProvider> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_endpoint(format!("{endpoint}/v1/traces"))
-        .with_timeout(std::time::Duration::from_secs(5))
+        .with_timeout(timeout)
         .build()?;
     let resource = Resource::builder()
         .with_service_name(env!("CARGO_PKG_NAME"))
