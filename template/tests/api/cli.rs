@@ -347,7 +347,7 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
     } = serve(
         &db,
         &[
-            ("SHUTDOWN_READINESS_DELAY_SECS", "2"),
+            ("SHUTDOWN_READINESS_DELAY_SECS", "5"),
             ("SHUTDOWN_GRACE_PERIOD_SECS", "10"),
             ("RATE_LIMIT_PER_MINUTE", "100000"),
         ],
@@ -357,7 +357,9 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
     let token = login(&api, "loaded@example.com").await;
 
-    // Traffic stops when readiness fails, as a load balancer's would.
+    // Traffic stops when readiness fails, as a load balancer's would. The readiness delay (5 s,
+    // the default) must exceed how long the balancer takes to notice, here a 100 ms poll that a
+    // busy machine can slow down a lot.
     let routed = Arc::new(AtomicBool::new(true));
     let signalled = Arc::new(AtomicBool::new(false));
     let balancer = {

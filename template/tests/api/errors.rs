@@ -341,15 +341,25 @@ async fn past_the_concurrency_ceiling_requests_are_refused_at_once() {
     })
     .await;
     let slow: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(client.get(format!("{base}/sleep/1500")).send()))
+        .map(|_| tokio::spawn(client.get(format!("{base}/sleep/4000")).send()))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let started = std::time::Instant::now();
-    let shed = client.get(format!("{base}/sleep/0")).send().await.unwrap();
+    // Once both slow requests hold the two slots, the next one is refused without waiting. Poll
+    // rather than guess when they have arrived: a busy machine may take a while to send them.
+    let mut shed = None;
+    for _ in 0..30 {
+        let started = std::time::Instant::now();
+        let response = client.get(format!("{base}/sleep/0")).send().await.unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            shed = Some((response, started.elapsed()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (shed, waited) = shed.expect("a request past the ceiling was refused");
     assert!(
-        started.elapsed() < Duration::from_millis(1000),
-        "refused without waiting for a slot"
+        waited < Duration::from_millis(1000),
+        "refused without waiting for a slot: {waited:?}"
     );
     assert_eq!(shed.headers()["retry-after"], "1");
     problem(shed, StatusCode::SERVICE_UNAVAILABLE, "service_unavailable").await;
