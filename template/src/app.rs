@@ -6,11 +6,9 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use sqlx::PgPool;
 use tower::ServiceBuilder;
-use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
@@ -104,13 +102,6 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .option_layer(security_headers::cors(http))
             .layer(axum::middleware::from_fn(problem::render))
             .layer(CatchPanicLayer::custom(problem::from_panic))
-            // Overload: refuse at once past the concurrency ceiling, abandon what runs too long.
-            .layer(HandleErrorLayer::new(overload::into_problem))
-            .load_shed()
-            .layer(GlobalConcurrencyLimitLayer::new(
-                http.max_concurrent_requests,
-            ))
-            .timeout(http.request_timeout)
             .layer(axum::middleware::from_fn_with_state(
                 state.trusted_proxies.clone(),
                 client_ip::resolve,
@@ -125,6 +116,12 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .layer(axum::middleware::from_fn_with_state(
                 state.rate_limiter.clone(),
                 rate_limit::enforce,
+            ))
+            // Overload: refuse at once past the concurrency ceiling, abandon what runs too long.
+            // Inside the rate limiter, so these 503s carry the RateLimit headers too.
+            .layer(axum::middleware::from_fn_with_state(
+                overload::Overload::new(http),
+                overload::guard,
             ))
             // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
             .layer(axum::middleware::from_fn(auth::require))

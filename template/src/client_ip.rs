@@ -30,25 +30,39 @@ impl TrustedProxies {
         self.0.iter().any(|network| network.contains(&ip))
     }
 
-    /// The client address for a request that arrived from `peer`.
+    /// The client address for a request that arrived from `peer`. IPv4-mapped IPv6 addresses
+    /// (`::ffff:10.0.0.5`, what a dual-stack listener sees) count as the IPv4 address they are.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = peer.to_canonical();
         if !self.trusts(peer) {
             return peer;
         }
-        let hops: Vec<IpAddr> = headers
+        let hops: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
-            .filter_map(|hop| hop.trim().parse().ok())
+            .map(str::trim)
             .collect();
-        hops.iter()
-            .rev()
-            .copied()
-            .find(|hop| !self.trusts(*hop))
-            .or(hops.first().copied())
-            .unwrap_or(peer)
+        for hop in hops.iter().rev() {
+            // A hop we cannot read ends the walk: what lies left of it is the client's to invent.
+            let Some(ip) = parse_hop(hop) else {
+                return peer;
+            };
+            if !self.trusts(ip) {
+                return ip;
+            }
+        }
+        hops.first().and_then(|hop| parse_hop(hop)).unwrap_or(peer)
     }
+}
+
+/// `203.0.113.1`, `203.0.113.1:5555`, `2001:db8::1` or `[2001:db8::1]:5555`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|addr| addr.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 /// Puts [`ClientIp`] in the request extensions.
@@ -96,5 +110,21 @@ mod tests {
             "203.0.113.1".parse::<IpAddr>().unwrap()
         );
         assert_eq!(proxies.client_ip(proxy, &HeaderMap::new()), proxy);
+        // Proxies that append the port, and dual-stack listeners, are read correctly.
+        assert_eq!(
+            proxies.client_ip(proxy, &headers("6.6.6.6, 203.0.113.1:5555")),
+            "203.0.113.1".parse::<IpAddr>().unwrap()
+        );
+        let mapped: IpAddr = "::ffff:10.0.0.5".parse().unwrap();
+        assert_eq!(
+            proxies.client_ip(mapped, &headers("203.0.113.1")),
+            "203.0.113.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(proxies.client_ip(stranger, &HeaderMap::new()), stranger);
+        // An unreadable hop stops the walk: the client cannot hide behind garbage.
+        assert_eq!(
+            proxies.client_ip(proxy, &headers("6.6.6.6, garbage")),
+            proxy
+        );
     }
 }

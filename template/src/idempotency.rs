@@ -386,8 +386,13 @@ fn replay(stored: Stored) -> Result<Response, Problem> {
 }
 
 /// Deletes keys older than `retention`, in batches so that no single statement holds locks for
-/// long. Returns how many were deleted. Called on a schedule by the worker.
-pub async fn purge_expired(db: &PgPool, retention: Duration) -> sqlx::Result<u64> {
+/// long, stopping between batches once `stop` is cancelled (a shutting-down worker finishes the
+/// batch it is in, then stops). Returns how many were deleted. Called on a schedule by the worker.
+pub async fn purge_expired(
+    db: &PgPool,
+    retention: Duration,
+    stop: &tokio_util::sync::CancellationToken,
+) -> sqlx::Result<u64> {
     const BATCH: i64 = 5_000;
     let mut deleted = 0;
     loop {
@@ -401,7 +406,7 @@ pub async fn purge_expired(db: &PgPool, retention: Duration) -> sqlx::Result<u64
         .execute(db)
         .await?;
         deleted += done.rows_affected();
-        if done.rows_affected() < BATCH as u64 {
+        if done.rows_affected() < BATCH as u64 || stop.is_cancelled() {
             return Ok(deleted);
         }
     }

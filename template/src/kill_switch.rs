@@ -47,6 +47,8 @@ impl Switch {
     }
 
     fn covers(&self, method: &str, route: &str) -> bool {
+        // HEAD is served by the GET handler, so switching GET off switches HEAD off too.
+        let method = if method == "HEAD" { "GET" } else { method };
         match self {
             Switch::Feature(name) => {
                 let prefix = format!("/v1/{name}");
@@ -58,6 +60,22 @@ impl Switch {
             } => switched == method && switched_route == route,
         }
     }
+}
+
+/// Every switch must name something that exists, or a typo would silently leave a feature on.
+/// `routes` are the service's `(method, route template)` pairs.
+pub fn check_known(switches: &[Switch], routes: &[(String, String)]) -> Result<(), String> {
+    for switch in switches {
+        if !routes
+            .iter()
+            .any(|(method, route)| switch.covers(method, route))
+        {
+            return Err(format!(
+                "DISABLED_FEATURES: {switch:?} matches no route of this service"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How long clients are told to wait: features are switched back on by people, not in seconds.
@@ -101,6 +119,14 @@ mod tests {
         let create = Switch::parse("post /v1/orders").unwrap();
         assert!(create.covers("POST", "/v1/orders") && !create.covers("GET", "/v1/orders"));
         assert!(Switch::parse("/v1/orders").is_err());
+        let get = Switch::parse("GET /v1/orders/{id}").unwrap();
+        assert!(get.covers("HEAD", "/v1/orders/{id}"), "HEAD is GET");
+        let routes = vec![("GET".to_owned(), "/v1/orders".to_owned())];
+        assert!(check_known(std::slice::from_ref(&orders), &routes).is_ok());
+        assert!(
+            check_known(&[Switch::parse("ordres").unwrap()], &routes).is_err(),
+            "a typo is refused"
+        );
         assert!(Switch::parse("orders; drop").is_err());
     }
 }

@@ -64,10 +64,8 @@ async fn main() -> ExitCode {
     let tracer = telemetry::init(&config.log);
     let _sentry = telemetry::init_sentry(&config.log, config.environment);
     let outcome = run(command, config).await;
-    if let Some(tracer) = tracer {
-        // Flush the spans still buffered; blocking, so off the async threads.
-        let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
-    }
+    // Flush the spans still buffered; blocking, so off the async threads.
+    let _ = tokio::task::spawn_blocking(move || tracer.shutdown()).await;
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

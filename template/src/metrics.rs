@@ -97,7 +97,7 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
 
 /// Standard methods by name, anything else (`FOO1`, `FOO2`, …) as `_OTHER`, as OpenTelemetry's
 /// semantic conventions ask, so a client cannot mint new series.
-fn method_label(method: &axum::http::Method) -> &'static str {
+pub(crate) fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
     match *method {
         Method::GET => "GET",

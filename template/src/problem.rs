@@ -308,7 +308,7 @@ pub struct ProblemDocument {
     /// The same id as the `x-request-id` response header and the service's logs.
     #[schema(example = "0193a5f2-7c1e-7aa0-8f5e-1b2c3d4e5f60")]
     pub request_id: String,
-    /// The W3C trace id, when traces are exported.
+    /// The W3C trace id: the caller's `traceparent`, or a new trace.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "4bf92f3577b34da6a3ce929d0e0e4736")]
     pub trace_id: Option<String>,

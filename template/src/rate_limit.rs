@@ -22,11 +22,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
 use redis::aio::ConnectionManager;
@@ -135,11 +135,13 @@ impl LocalStore {
                 }
             }
             Err(not_until) => {
-                let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+                let retry_after = not_until.wait_time_from(buckets.clock().now());
+                // On a denial `t` is when the next request is allowed, so that `Retry-After` is
+                // never earlier than `t`, as the RateLimit draft requires.
                 Decision {
                     allowed: false,
                     remaining: 0,
-                    reset: retry_after + interval * (policy.quota.get() - 1),
+                    reset: retry_after,
                     retry_after,
                 }
             }
@@ -153,20 +155,21 @@ impl LocalStore {
     }
 }
 
-/// GCRA in one atomic step. Returns {allowed, remaining, reset_ms, retry_after_ms}.
+/// GCRA in one atomic step, in microseconds (exact in Lua's doubles for centuries, and fine
+/// enough for any quota). Returns {allowed, remaining, reset_us, retry_after_us}.
 const GCRA_SCRIPT: &str = r"
 local now_parts = redis.call('TIME')
-local now = now_parts[1] * 1000 + math.floor(now_parts[2] / 1000)
+local now = now_parts[1] * 1000000 + now_parts[2]
 local interval = tonumber(ARGV[1])
 local quota = tonumber(ARGV[2])
 local tolerance = interval * (quota - 1)
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 if now < tat - tolerance then
-  return {0, 0, tat - now, tat - tolerance - now}
+  return {0, 0, tat - tolerance - now, tat - tolerance - now}
 end
 local new_tat = tat + interval
-redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
 local remaining = math.floor((now + tolerance - new_tat) / interval) + 1
 if remaining < 0 then remaining = 0 end
 return {1, remaining, new_tat - now, 0}
@@ -185,17 +188,18 @@ impl RedisStore {
         let mut invocation = self
             .script
             .key(format!("{}:{}:{key}", self.prefix, policy.name));
-        invocation
-            .arg(policy.emission_interval().as_millis() as u64)
-            .arg(policy.quota.get());
+        let interval_us = u64::try_from(policy.emission_interval().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        invocation.arg(interval_us).arg(policy.quota.get());
         let reply: (u8, u32, u64, u64) =
             tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await??;
-        let (allowed, remaining, reset_ms, retry_ms) = reply;
+        let (allowed, remaining, reset_us, retry_us) = reply;
         Ok(Decision {
             allowed: allowed == 1,
             remaining,
-            reset: Duration::from_millis(reset_ms),
-            retry_after: Duration::from_millis(retry_ms),
+            reset: Duration::from_micros(reset_us),
+            retry_after: Duration::from_micros(retry_us),
         })
     }
 }
@@ -324,10 +328,9 @@ pub async fn enforce(
     request: Request,
     next: Next,
 ) -> Response {
-    let is_api = request
-        .extensions()
-        .get::<MatchedPath>()
-        .is_some_and(|route| route.as_str().starts_with("/v1/"));
+    // By path, not matched route: unknown `/v1/...` paths are limited (and answered) too.
+    let path = request.uri().path();
+    let is_api = path == "/v1" || path.starts_with("/v1/");
     if !is_api {
         return next.run(request).await;
     }

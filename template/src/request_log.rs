@@ -28,6 +28,20 @@ pub fn route_of(request: &Request) -> String {
     )
 }
 
+/// `{METHOD} {route}`, or only the method when no route matched, with unknown methods as `HTTP`,
+/// as the semantic conventions ask, so that clients cannot mint span names.
+fn span_name(method: &axum::http::Method, route: &str) -> String {
+    let method = match crate::metrics::method_label(method) {
+        "_OTHER" => "HTTP",
+        known => known,
+    };
+    if route == UNMATCHED_ROUTE {
+        method.to_owned()
+    } else {
+        format!("{method} {route}")
+    }
+}
+
 pub async fn log_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
@@ -43,7 +57,7 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         route = %route,
         principal = tracing::field::Empty,
         trace_id = tracing::field::Empty,
-        otel.name = format!("{method} {route}"),
+        otel.name = span_name(&method, &route),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         http.request.method = %method,

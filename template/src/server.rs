@@ -33,6 +33,25 @@ impl Application {
         let admin_listener = TcpListener::bind(config.admin_addr)
             .await
             .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
+        let routes = app::openapi_document()
+            .paths
+            .paths
+            .iter()
+            .flat_map(|(path, item)| {
+                let methods = [
+                    ("GET", item.get.is_some()),
+                    ("POST", item.post.is_some()),
+                    ("PATCH", item.patch.is_some()),
+                ];
+                methods
+                    .into_iter()
+                    .filter(|(_, present)| *present)
+                    .map(|(method, _)| (method.to_owned(), path.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        crate::kill_switch::check_known(&config.http.disabled, &routes)
+            .map_err(anyhow::Error::msg)?;
         let admin = app::admin_router(db.clone());
         let state = AppState::new(db, config)?;
         let readiness = state.readiness.clone();

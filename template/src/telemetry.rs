@@ -19,26 +19,18 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::{Environment, LogConfig, LogFormat};
 
-/// Installs logging and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export. Returns the
+/// Installs logging and tracing (exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set). Returns the
 /// tracer provider to shut down (and so flush) before the process exits.
-pub fn init(config: &LogConfig) -> Option<SdkTracerProvider> {
+pub fn init(config: &LogConfig) -> SdkTracerProvider {
     // The filter was validated when the configuration was read.
     let filter = EnvFilter::try_new(&config.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let provider = config.otlp_endpoint.as_deref().and_then(|endpoint| {
-        match tracer_provider(endpoint, config.outbound_timeout) {
-            Ok(provider) => Some(provider),
-            Err(error) => {
-                eprintln!("cannot set up trace export to {endpoint}: {error}");
-                None
-            }
-        }
-    });
-    // W3C `traceparent` in (and out, for any call that injects it), even without export, so a
-    // caller's trace id still reaches the logs.
+    let provider = tracer_provider(config);
+    // W3C `traceparent` in (and out, for any call that injects it).
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let traces = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
-    });
+    // Always installed, so every request has a trace id (the caller's, or a new one) in its logs
+    // and problems; spans leave the process only when an exporter is configured.
+    let traces =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")));
     let registry = tracing_subscriber::registry().with(filter).with(traces);
     let result = match config.format {
         LogFormat::Json => registry
@@ -64,25 +56,31 @@ pub fn init(config: &LogConfig) -> Option<SdkTracerProvider> {
     provider
 }
 
-fn tracer_provider(
-    endpoint: &str,
-    timeout: std::time::Duration,
-) -> anyhow::Result<SdkTracerProvider> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(format!("{endpoint}/v1/traces"))
-        .with_timeout(timeout)
-        .build()?;
+fn tracer_provider(config: &LogConfig) -> SdkTracerProvider {
     let resource = Resource::builder()
         .with_service_name(env!("CARGO_PKG_NAME"))
         .build();
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource)
-        .build())
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    let Some(endpoint) = config.otlp_endpoint.as_deref() else {
+        return builder.build();
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{endpoint}/v1/traces"))
+        .with_timeout(config.outbound_timeout)
+        .build();
+    match exporter {
+        Ok(exporter) => builder.with_batch_exporter(exporter).build(),
+        Err(error) => {
+            eprintln!(
+                "cannot set up trace export to {endpoint}: {error}; traces stay in the process"
+            );
+            builder.build()
+        }
+    }
 }
 
-/// The current request's trace id, when traces are exported.
+/// The current request's trace id.
 pub fn current_trace_id() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;

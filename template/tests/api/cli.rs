@@ -211,12 +211,20 @@ async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: P
     let response = client
         .get(format!("{api}/no/such/route"))
         .header("x-request-id", "log-test-1")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
     let line = next_log_line(&mut logs, |line| line["message"] == "request").await;
     assert_eq!(line["span"]["request_id"], "log-test-1");
+    assert_eq!(
+        line["span"]["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+        "the caller's trace, with no exporter configured"
+    );
     assert_eq!(line["span"]["method"], "GET");
     assert_eq!(line["span"]["route"], "unmatched");
     assert_eq!(line["status"], 404);
@@ -362,6 +370,7 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
     // busy machine can slow down a lot.
     let routed = Arc::new(AtomicBool::new(true));
     let signalled = Arc::new(AtomicBool::new(false));
+    let served_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let balancer = {
         let (routed, api) = (routed.clone(), api.clone());
         tokio::spawn(async move {
@@ -378,9 +387,10 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
     };
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let (routed, signalled, api, token) = (
+        let (routed, signalled, served_so_far, api, token) = (
             routed.clone(),
             signalled.clone(),
+            served_so_far.clone(),
             api.clone(),
             token.clone(),
         );
@@ -396,6 +406,7 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
                 {
                     Ok(response) if response.status() == 200 => {
                         served += 1;
+                        served_so_far.fetch_add(1, Ordering::SeqCst);
                         if signalled.load(Ordering::SeqCst) {
                             served_after_signal += 1;
                         }
@@ -409,7 +420,15 @@ async fn sigterm_under_load_drains_without_failing_a_request(db: PgPool) {
         }));
     }
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Signal once the load is really running, however slow the machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while served_so_far.load(Ordering::SeqCst) < 40 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     signalled.store(true, Ordering::SeqCst);
     terminate(&child);
 

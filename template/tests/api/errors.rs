@@ -138,7 +138,8 @@ async fn test_routes_with(http: HttpConfig) -> (String, reqwest::Client) {
         )
         .route("/panic", get(panics))
         .route("/layer/{status}", get(layer_answers))
-        .route("/sleep/{millis}", get(sleeps));
+        .route("/sleep/{millis}", get(sleeps))
+        .route("/livez", get(|| async { "alive" }));
     let config = test_config(&[("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")]);
     let state = AppState::new(db::pool(&config.database).unwrap(), &config).unwrap();
     let token = state
@@ -357,6 +358,16 @@ async fn past_the_concurrency_ceiling_requests_are_refused_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (shed, waited) = shed.expect("a request past the ceiling was refused");
+    // Probes are never shed: a busy pod must not be restarted for being busy.
+    assert_eq!(
+        client
+            .get(format!("{base}/livez"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     assert!(
         waited < Duration::from_millis(1000),
         "refused without waiting for a slot: {waited:?}"

@@ -278,9 +278,11 @@ async fn expired_keys_are_purged_and_fresh_ones_kept(db: PgPool) {
         .execute(&app.db)
         .await
         .unwrap();
-    let deleted = service::idempotency::purge_expired(&app.db, Duration::from_secs(24 * 3600))
-        .await
-        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let deleted =
+        service::idempotency::purge_expired(&app.db, Duration::from_secs(24 * 3600), &stop)
+            .await
+            .unwrap();
     assert_eq!(deleted, 1);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
         .fetch_one(&app.db)

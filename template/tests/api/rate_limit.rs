@@ -57,7 +57,11 @@ async fn every_v1_response_carries_ratelimit_headers_and_the_limit_answers_429(d
         "one token returns every 12 s: {retry_after}"
     );
     let state = limited.headers()["ratelimit"].to_str().unwrap().to_owned();
-    assert!(state.starts_with("\"default\";r=0;t="), "{state}");
+    assert_eq!(
+        state,
+        format!("\"default\";r=0;t={retry_after}"),
+        "Retry-After is never earlier than t"
+    );
     assert_eq!(
         limited.json::<Value>().await.unwrap()["code"],
         "rate_limited"
@@ -76,6 +80,14 @@ async fn every_v1_response_carries_ratelimit_headers_and_the_limit_answers_429(d
         .unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     assert!(anonymous.headers().contains_key("ratelimit"));
+    // Unknown /v1 paths are limited too: they are answered (404) with the headers.
+    let unknown = app
+        .call(Method::GET, "/v1/no-such-thing", &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert!(unknown.headers().contains_key("ratelimit"));
     // Operational routes are not /v1 and not limited.
     assert!(app.get("/livez").await.headers().get("ratelimit").is_none());
 }
@@ -201,10 +213,18 @@ async fn a_redis_bucket_is_shared_by_every_instance(db: PgPool) {
 
 #[sqlx::test]
 async fn with_redis_down_each_instance_falls_back_to_its_own_buckets(db: PgPool) {
-    // Nothing listens on port 1.
+    // A Redis that accepts connections and never answers: the timeout, not a refusal, decides.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
     let config = test_config(&[
         ("RATE_LIMIT_PER_MINUTE", "3"),
-        ("REDIS_URL", "redis://127.0.0.1:1"),
+        ("REDIS_URL", &silent_url),
         ("REDIS_TIMEOUT_MS", "100"),
     ]);
     let app = TestApp::spawn_with(db, config).await;
@@ -218,7 +238,8 @@ async fn with_redis_down_each_instance_falls_back_to_its_own_buckets(db: PgPool)
         );
         assert!(
             started.elapsed() < std::time::Duration::from_secs(2),
-            "Redis is not waited on for long"
+            "Redis is waited on only briefly: {:?}",
+            started.elapsed()
         );
     }
     assert_eq!(
@@ -226,4 +247,20 @@ async fn with_redis_down_each_instance_falls_back_to_its_own_buckets(db: PgPool)
         StatusCode::TOO_MANY_REQUESTS,
         "and still limited"
     );
+    held.abort();
+}
+
+#[sqlx::test]
+async fn high_quotas_work_on_redis_too(db: PgPool) {
+    // 100 000 a minute is an emission interval of 600 µs: below a millisecond.
+    let config = test_config(&[
+        ("RATE_LIMIT_PER_MINUTE", "100000"),
+        ("REDIS_URL", &redis_url()),
+    ]);
+    let app = TestApp::spawn_with(db, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let response = get_orders(&app, &token).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let state = response.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(state.starts_with("\"default\";r=99999;"), "{state}");
 }
