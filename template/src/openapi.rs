@@ -13,6 +13,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use utoipa::OpenApi;
 use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Content, Deprecated, Ref, ResponseBuilder};
 use utoipa_swagger_ui::{Config, SwaggerUi};
@@ -61,6 +62,15 @@ pub fn finish(doc: &mut utoipa::openapi::OpenApi) {
         )
         .into(),
     );
+    // Request bodies reject unknown fields (`validation::Valid`); say so, so that clients and
+    // contract tests do not send them.
+    for (name, schema) in components.schemas.iter_mut() {
+        if let utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(object)) = schema
+            && (name.ends_with("Request") || name.ends_with("Input"))
+        {
+            object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
+        }
+    }
     for (path, item) in doc.paths.paths.iter_mut() {
         let operations = [
             ("GET", &mut item.get),
@@ -88,6 +98,31 @@ pub fn finish(doc: &mut utoipa::openapi::OpenApi) {
                     Some(description) => format!("{note}\n\n{description}"),
                     None => note,
                 });
+            }
+            if let Some(key) = operation
+                .parameters
+                .iter_mut()
+                .flatten()
+                .find_map(|parameter| match parameter {
+                    utoipa::openapi::RefOr::T(p)
+                        if p.name.eq_ignore_ascii_case("Idempotency-Key") =>
+                    {
+                        Some(p)
+                    }
+                    _ => None,
+                })
+            {
+                key.schema = Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(255))
+                        .pattern(Some("^[\\x20-\\x7E]+$"))
+                        .into(),
+                );
+                add_problem(operation, ErrorCode::IdempotencyKeyInvalid);
+                add_problem(operation, ErrorCode::IdempotencyKeyInUse);
+                add_problem(operation, ErrorCode::IdempotencyKeyReused);
             }
             let takes_body = operation.request_body.is_some();
             let takes_path_parameters = operation.parameters.iter().flatten().any(
