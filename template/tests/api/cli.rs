@@ -294,14 +294,7 @@ async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPoo
         mut child,
         api,
         mut logs,
-    } = serve(
-        &db,
-        &[
-            ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
-            ("RUST_LOG", "debug"),
-        ],
-    )
-    .await;
+    } = serve(&db, &[("RUST_LOG", "debug")]).await;
     let client = client();
 
     let token = login(&api, "secretive@example.com").await;
@@ -480,11 +473,7 @@ async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool
         mut child,
         api,
         mut logs,
-    } = serve(
-        &db,
-        &[("SHUTDOWN_READINESS_DELAY_SECS", "0"), ("SENTRY_DSN", &dsn)],
-    )
-    .await;
+    } = serve(&db, &[("SENTRY_DSN", &dsn)]).await;
     tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
     let token = login(&api, "reported@example.com").await;
 
@@ -555,14 +544,7 @@ async fn traces_continue_the_callers_traceparent_and_reach_the_collector(db: PgP
         mut child,
         api,
         mut logs,
-    } = serve(
-        &db,
-        &[
-            ("SHUTDOWN_READINESS_DELAY_SECS", "0"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-        ],
-    )
-    .await;
+    } = serve(&db, &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]).await;
     let token = login(&api, "traced@example.com").await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -108,6 +108,17 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// The admin listener's Prometheus scrape.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("scrape sent");
+        response.text().await.expect("scrape body")
+    }
+
     /// Starts the shutdown sequence, as SIGTERM would.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {

@@ -81,15 +81,7 @@ async fn metrics_are_on_the_admin_listener_only_and_labelled_by_route_template(d
         .send()
         .await
         .unwrap();
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(
         !text.contains("FOO1"),
         "invented methods never become labels"
@@ -162,15 +154,7 @@ async fn every_metric_the_alerts_and_dashboard_query_is_exported(db: PgPool) {
         StatusCode::TOO_MANY_REQUESTS
     );
 
-    let scrape = app
-        .client
-        .get(format!("{}/metrics", app.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = app.metrics().await;
     let described: HashSet<&str> = scrape
         .lines()
         .filter_map(|line| line.strip_prefix("# HELP ")?.split(' ').next())
