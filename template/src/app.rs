@@ -16,13 +16,13 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::token::TokenKeys;
 use crate::client_ip::TrustedProxies;
-use crate::config::{Config, HttpConfig};
+use crate::config::{Config, HttpConfig, ImportsConfig, JobsConfig};
 use crate::pagination::Cursors;
 use crate::rate_limit::RateLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
 use crate::{
-    auth, client_ip, deprecation, health, keys, kill_switch, metrics, openapi, orders, overload,
+    auth, client_ip, deprecation, health, imports, keys, kill_switch, metrics, openapi, orders, overload,
     problem, rate_limit, request_id, request_log, security_headers,
 };
 
@@ -35,6 +35,8 @@ pub struct AppState {
     pub cursors: Arc<Cursors>,
     pub rate_limiter: Arc<RateLimiter>,
     pub trusted_proxies: Arc<TrustedProxies>,
+    pub imports: Arc<ImportsConfig>,
+    pub jobs: Arc<JobsConfig>,
 }
 
 impl AppState {
@@ -52,6 +54,8 @@ impl AppState {
             trusted_proxies: Arc::new(TrustedProxies::new(
                 config.rate_limit.trusted_proxies.clone(),
             )),
+            imports: Arc::new(config.imports.clone()),
+            jobs: Arc::new(config.jobs.clone()),
         })
     }
 }
@@ -62,6 +66,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(health::routes())
         .merge(auth::login::routes())
         .merge(orders::routes())
+        .merge(imports::routes())
 }
 
 fn split(routes: OpenApiRouter<AppState>) -> (Router<AppState>, utoipa::openapi::OpenApi) {
@@ -129,10 +134,12 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
                 Arc::new(http.disabled.clone()),
                 kill_switch::enforce,
             ))
-            // tower-http's limit covers every body, streamed or buffered; axum's own default
-            // (2 MB, extractors only) is switched off so there is one number to configure.
-            .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
-            .layer(DefaultBodyLimit::disable()),
+            // Two body limits. tower-http's covers every body, streamed or buffered, at the
+            // largest any route takes (a CSV import); axum's applies to the JSON extractors.
+            .layer(RequestBodyLimitLayer::new(
+                http.max_body_bytes.max(http.max_upload_bytes),
+            ))
+            .layer(DefaultBodyLimit::max(http.max_body_bytes)),
     )
 }
 

@@ -32,6 +32,43 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub idempotency: IdempotencyConfig,
+    pub imports: ImportsConfig,
+    pub jobs: JobsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImportsConfig {
+    /// Most data rows in one file (`IMPORT_MAX_ROWS`); more gets 413.
+    pub max_rows: u32,
+    /// Imports one user may have queued or running at once (`IMPORT_MAX_ACTIVE_PER_USER`); one
+    /// more gets 429 `too_many_imports`.
+    pub max_active_per_user: i64,
+    /// `IMPORT_WEBHOOK_URL`: told when an import finishes; unset, nobody is.
+    pub webhook_url: Option<reqwest::Url>,
+    /// `WEBHOOK_ALLOW_PRIVATE_TARGETS`: lets the webhook reach loopback and private networks.
+    /// For local development only; see `webhook`.
+    pub webhook_allow_private: bool,
+    /// Failed deliveries in a row that open the webhook's circuit (`WEBHOOK_BREAKER_FAILURES`).
+    pub breaker_failures: u32,
+    /// How long an open circuit refuses calls before one trial (`WEBHOOK_BREAKER_COOLDOWN_SECS`).
+    pub breaker_cooldown: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Jobs one worker process runs at once, per queue (`WORKER_CONCURRENCY`).
+    pub concurrency: usize,
+    /// `SERVE_RUNS_WORKERS=true`: `serve` runs the workers in-process too, for deployments
+    /// small enough to want one process. Off by default.
+    pub in_serve: bool,
+    /// How often a worker reports that it is alive (`JOB_HEARTBEAT_SECS`). A worker silent for
+    /// `JOB_MISSED_HEARTBEATS` intervals is presumed dead and its jobs go back to the queue.
+    pub heartbeat: Duration,
+    pub missed_heartbeats: usize,
+    /// Runs of a job before it is given up (`JOB_MAX_ATTEMPTS`).
+    pub max_attempts: usize,
+    /// Delay before the first retry (`JOB_RETRY_BASE_MS`); it doubles on each retry, up to 5 min.
+    pub retry_base: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,8 +160,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// Largest request body accepted, in bytes (`MAX_BODY_BYTES`); larger bodies get 413.
+    /// Largest JSON request body accepted, in bytes (`MAX_BODY_BYTES`); larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Largest upload (a CSV import) in bytes (`IMPORT_MAX_BYTES`, default 20 MiB); larger gets 413.
+    pub max_upload_bytes: usize,
     /// Longest a request may take before it is abandoned with 503 `timeout`
     /// (`REQUEST_TIMEOUT_SECS`). Keep it above `DATABASE_STATEMENT_TIMEOUT_MS`.
     pub request_timeout: Duration,
@@ -225,6 +264,8 @@ impl Config {
         let outbound_timeout = env.millis("OUTBOUND_HTTP_TIMEOUT_MS", 5_000);
         let max_body_bytes =
             env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
+        let max_upload_bytes =
+            env.parse_in_range("IMPORT_MAX_BYTES", 20 * 1024 * 1024, 1..=1 << 30);
         let request_timeout = env
             .parse_in_range("REQUEST_TIMEOUT_SECS", 10, 1..=600)
             .map(Duration::from_secs);
@@ -235,6 +276,8 @@ impl Config {
             env.parse_in_range("MAX_CONCURRENT_REQUESTS", 256, 1..=100_000);
         let readiness_delay = env.seconds("SHUTDOWN_READINESS_DELAY_SECS", 5);
         let grace_period = env.seconds("SHUTDOWN_GRACE_PERIOD_SECS", 20);
+        let imports = env.imports();
+        let jobs = env.jobs();
 
         let (
             Some(environment),
@@ -261,6 +304,7 @@ impl Config {
             Some(otlp_endpoint),
             Some(outbound_timeout),
             Some(max_body_bytes),
+            Some(max_upload_bytes),
             Some(request_timeout),
             Some(max_concurrent_requests),
             Some(cors_allowed_origins),
@@ -268,6 +312,8 @@ impl Config {
             Some(disabled),
             Some(readiness_delay),
             Some(grace_period),
+            Some(imports),
+            Some(jobs),
         ) = (
             environment,
             secret_key,
@@ -293,6 +339,7 @@ impl Config {
             otlp_endpoint,
             outbound_timeout,
             max_body_bytes,
+            max_upload_bytes,
             request_timeout,
             max_concurrent_requests,
             cors_allowed_origins,
@@ -300,6 +347,8 @@ impl Config {
             disabled,
             readiness_delay,
             grace_period,
+            imports,
+            jobs,
         )
         else {
             return Err(ConfigError {
@@ -325,6 +374,7 @@ impl Config {
             },
             http: HttpConfig {
                 max_body_bytes,
+                max_upload_bytes,
                 request_timeout,
                 max_concurrent_requests,
                 cors_allowed_origins,
@@ -353,6 +403,8 @@ impl Config {
                 retention: idempotency_retention,
                 purge_interval,
             },
+            imports,
+            jobs,
         })
     }
 }
@@ -425,6 +477,57 @@ impl Reader<'_> {
                 name,
                 format!("{value} is outside {}..={}", range.start(), range.end()),
             )
+        }
+    }
+
+    fn imports(&mut self) -> Option<ImportsConfig> {
+        let max_rows = self.parse_in_range("IMPORT_MAX_ROWS", 1_000_000, 1..=10_000_000);
+        let max_active_per_user = self.parse_in_range("IMPORT_MAX_ACTIVE_PER_USER", 3, 1..=1000);
+        let webhook_url = self.webhook_url("IMPORT_WEBHOOK_URL");
+        let webhook_allow_private = self.parse_or("WEBHOOK_ALLOW_PRIVATE_TARGETS", "false");
+        let breaker_failures = self.parse_in_range("WEBHOOK_BREAKER_FAILURES", 5, 1..=1000);
+        let breaker_cooldown = self.seconds("WEBHOOK_BREAKER_COOLDOWN_SECS", 30);
+        Some(ImportsConfig {
+            max_rows: max_rows?,
+            max_active_per_user: max_active_per_user?,
+            webhook_url: webhook_url?,
+            webhook_allow_private: webhook_allow_private?,
+            breaker_failures: breaker_failures?,
+            breaker_cooldown: breaker_cooldown?,
+        })
+    }
+
+    fn jobs(&mut self) -> Option<JobsConfig> {
+        let concurrency = self.parse_in_range("WORKER_CONCURRENCY", 2, 1..=256);
+        let in_serve = self.parse_or("SERVE_RUNS_WORKERS", "false");
+        let heartbeat = self
+            .parse_in_range("JOB_HEARTBEAT_SECS", 5, 1..=300)
+            .map(Duration::from_secs);
+        let missed_heartbeats = self.parse_in_range("JOB_MISSED_HEARTBEATS", 3, 1..=100);
+        let max_attempts = self.parse_in_range("JOB_MAX_ATTEMPTS", 5, 1..=100);
+        let retry_base = self.millis("JOB_RETRY_BASE_MS", 1_000);
+        Some(JobsConfig {
+            concurrency: concurrency?,
+            in_serve: in_serve?,
+            heartbeat: heartbeat?,
+            missed_heartbeats: missed_heartbeats?,
+            max_attempts: max_attempts?,
+            retry_base: retry_base?,
+        })
+    }
+
+    /// Optional; when set, an absolute `http(s)://` URL. Where it points is checked when it is
+    /// called (`webhook::Target`), because DNS answers change.
+    fn webhook_url(&mut self, name: &'static str) -> Option<Option<reqwest::Url>> {
+        let Some(raw) = self.get(name) else {
+            return Some(None);
+        };
+        match reqwest::Url::parse(raw.trim()) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                Some(Some(url))
+            }
+            Ok(_) => self.fail(name, "must be an http:// or https:// URL with a host".into()),
+            Err(error) => self.fail(name, format!("is not a URL: {error}")),
         }
     }
 

@@ -156,10 +156,14 @@ enum Stored {
 }
 
 /// Which handler outcomes are stored and replayed: successes and the client errors the handler
-/// decided on. Server errors are not (the client should retry them), nor is a missing `If-Match`
-/// (428), which rejects the request's form like validation does.
+/// decided on. Server errors are not (the client should retry them), nor is a 429 (it says "later",
+/// not "never"), nor a missing `If-Match` (428), which rejects the request's form like validation
+/// does.
 fn is_replayable(problem: &Problem) -> bool {
-    !problem.code().status().is_server_error() && problem.code() != ErrorCode::PreconditionRequired
+    let status = problem.code().status();
+    !status.is_server_error()
+        && status != StatusCode::TOO_MANY_REQUESTS
+        && problem.code() != ErrorCode::PreconditionRequired
 }
 
 fn header_pairs(headers: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> {

@@ -2,12 +2,14 @@
 //!
 //! Where things live:
 //! - `app`: the route list and the middleware stack, in order. Start reading here.
-//! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process.
+//! - `server`, `shutdown`: the listeners and graceful shutdown. `worker`: the job process, and
+//!   `jobs`: the job queue (apalis on Postgres) it runs.
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
 //! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
 //!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `client_ip`, `overload`, `kill_switch`,
 //!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
-//! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`.
+//! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`, `imports` (CSV
+//!   uploads processed by the worker), and `webhook` (the adapter that notifies a partner).
 
 pub mod app;
 pub mod auth;
@@ -19,6 +21,8 @@ pub mod deprecation;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
+pub mod imports;
+pub mod jobs;
 pub mod keys;
 pub mod kill_switch;
 pub mod metrics;
@@ -36,4 +40,5 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod users;
 pub mod validation;
+pub mod webhook;
 pub mod worker;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use service::auth::password::Password;
 use service::config::Config;
 use service::users::{self, Email, Role};
-use service::{db, server, shutdown, telemetry, worker};
+use service::{db, jobs, server, shutdown, telemetry, worker};
 
 /// The variable `create-user` reads the password from when set; otherwise it reads one line from
 /// standard input. Never from the command line, where `ps` and shell history would show it.
@@ -85,12 +85,15 @@ async fn run(command: ServiceCommand, config: Config) -> anyhow::Result<()> {
                 .run_until(shutdown::signal())
                 .await
         }
-        ServiceCommand::Worker => worker::run(db, config.idempotency.clone()).await,
+        ServiceCommand::Worker => worker::run(db, config).await,
         ServiceCommand::Migrate => {
             let db = db::migration_pool(&config.database)
                 .await
                 .context("cannot connect to DATABASE_URL")?;
             db::MIGRATOR.run(&db).await.context("migration failed")?;
+            jobs::migrate(&db)
+                .await
+                .context("creating the job queue's tables failed")?;
             tracing::info!("migrations applied");
             Ok(())
         }

@@ -26,6 +26,11 @@ const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// Jobs take from milliseconds (a webhook call) to minutes (a large import).
+const JOB_DURATION_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+];
+
 /// Installs the process-wide recorder once and returns its handle; later calls (several apps in
 /// one test process) share it.
 pub fn recorder() -> PrometheusHandle {
@@ -36,6 +41,11 @@ pub fn recorder() -> PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Full(REQUEST_DURATION.to_owned()),
                     &DURATION_BUCKETS,
+                )
+                .expect("the bucket list is a non-empty constant")
+                .set_buckets_for_metric(
+                    Matcher::Full(crate::jobs::JOB_DURATION.to_owned()),
+                    &JOB_DURATION_BUCKETS,
                 )
                 .expect("the bucket list is a non-empty constant");
             let handle = builder
@@ -80,6 +90,50 @@ fn describe() {
         crate::idempotency::REPLAYS,
         "Responses replayed for a repeated Idempotency-Key."
     );
+    use crate::jobs;
+    describe_counter!(jobs::JOBS_STARTED, "Job attempts started, by queue.");
+    describe_counter!(jobs::JOBS_SUCCEEDED, "Job attempts that succeeded, by queue.");
+    describe_counter!(
+        jobs::JOBS_FAILED,
+        "Job attempts that failed (and will be retried while attempts remain), by queue."
+    );
+    describe_counter!(jobs::JOBS_RETRIED, "Job attempts that were retries, by queue.");
+    describe_histogram!(
+        jobs::JOB_DURATION,
+        Unit::Seconds,
+        "Duration of job attempts, by queue and outcome (succeeded, failed, released)."
+    );
+    describe_gauge!(
+        jobs::QUEUE_DEPTH,
+        "Jobs waiting to run, by queue (read from the database at scrape time)."
+    );
+    describe_gauge!(
+        jobs::QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest job waiting to run, by queue: the queue lag."
+    );
+    describe_counter!(
+        crate::imports::job::IMPORT_ROWS,
+        "Rows of finished imports, by outcome (imported, failed)."
+    );
+    describe_counter!(
+        crate::imports::job::IMPORT_ORDERS,
+        "Orders of finished imports, by outcome (imported, rejected)."
+    );
+    describe_counter!(
+        crate::webhook::DELIVERIES,
+        "Webhook calls, by outcome (delivered, failed, short_circuited)."
+    );
+    describe_gauge!(
+        crate::webhook::CIRCUIT_OPEN,
+        "1 while the webhook's circuit breaker is open."
+    );
+    // Exported from the start, so that alerts and dashboards see zeros rather than no data.
+    for queue in jobs::QUEUES {
+        for counter in [jobs::JOBS_STARTED, jobs::JOBS_SUCCEEDED, jobs::JOBS_FAILED, jobs::JOBS_RETRIED] {
+            metrics::counter!(counter, "queue" => queue).absolute(0);
+        }
+    }
 }
 
 /// Records the request-duration histogram. Added with `Router::layer`, which wraps each route, so
@@ -143,6 +197,12 @@ async fn render(State(Scrape { handle, db }): State<Scrape>) -> impl IntoRespons
     metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use")
         .set(f64::from(size.saturating_sub(idle)));
     metrics::gauge!(POOL_MAX_CONNECTIONS).set(f64::from(db.options().get_max_connections()));
+    // Bounded: a scrape during a database outage must still answer, with the pool gauges.
+    match tokio::time::timeout(Duration::from_secs(1), crate::jobs::record_queue_gauges(&db)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot read the job queues for metrics"),
+        Err(_) => tracing::warn!("reading the job queues for metrics timed out"),
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -25,9 +25,18 @@ pub struct Keyset {
     pub id: Uuid,
 }
 
-impl Keyset {
-    /// Before every row: the first page starts here.
-    pub fn start() -> Keyset {
+/// A sort key a cursor can carry: fixed-size bytes, and the key before every row.
+pub trait Position: Sized {
+    /// The first page starts here.
+    fn start() -> Self;
+    fn to_bytes(&self) -> Vec<u8>;
+    /// `None` when the bytes do not decode (never after a valid signature, but still checked).
+    fn from_bytes(bytes: &[u8]) -> Option<Self>;
+}
+
+impl Position for Keyset {
+    /// Before every row: newer than anything that can exist.
+    fn start() -> Keyset {
         let far_future = Utc
             .with_ymd_and_hms(9999, 12, 31, 23, 59, 59)
             .single()
@@ -36,6 +45,21 @@ impl Keyset {
             created_at: far_future,
             id: Uuid::max(),
         }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(8 + 16);
+        bytes.extend_from_slice(&self.created_at.timestamp_micros().to_be_bytes());
+        bytes.extend_from_slice(self.id.as_bytes());
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Keyset> {
+        let (micros, id) = bytes.split_at_checked(8)?;
+        Some(Keyset {
+            created_at: DateTime::from_timestamp_micros(i64::from_be_bytes(micros.try_into().ok()?))?,
+            id: Uuid::from_slice(id).ok()?,
+        })
     }
 }
 
@@ -52,10 +76,10 @@ pub struct PageParams {
 }
 
 /// A validated page request: the size and where to start.
-#[derive(Debug, Clone, Copy)]
-pub struct PageRequest {
+#[derive(Debug, Clone)]
+pub struct PageRequest<P = Keyset> {
     pub limit: i64,
-    pub after: Keyset,
+    pub after: P,
 }
 
 /// Signs and checks cursors. `binding` names whatever the cursor must not be reused with: the
@@ -71,7 +95,6 @@ impl std::fmt::Debug for Cursors {
 }
 
 const MAC_LEN: usize = 32;
-const POSITION_LEN: usize = 8 + 16;
 
 impl Cursors {
     pub fn new(key: &[u8]) -> Self {
@@ -80,16 +103,20 @@ impl Cursors {
         }
     }
 
-    pub fn encode(&self, position: Keyset, binding: &str) -> String {
-        let mut bytes = position_bytes(position);
+    pub fn encode(&self, position: impl Position, binding: &str) -> String {
+        let mut bytes = position.to_bytes();
         let mac = hmac::sign(&self.key, &signed_message(&bytes, binding));
         bytes.extend_from_slice(mac.as_ref());
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    /// Checks the page parameters: `limit` defaults to 20, is clamped to 100, and below 1 is a
-    /// 400; a cursor that was altered or minted for another binding is a 400 `invalid_cursor`.
-    pub fn request(&self, params: &PageParams, binding: &str) -> Result<PageRequest, Problem> {
+    /// The page a request asks for: `limit` defaulted and clamped, `cursor` verified against the
+    /// caller and filters it was issued for (`binding`).
+    pub fn request<P: Position>(
+        &self,
+        params: &PageParams,
+        binding: &str,
+    ) -> Result<PageRequest<P>, Problem> {
         let limit = match params.limit {
             None => DEFAULT_LIMIT,
             Some(limit) if limit < 1 => {
@@ -101,13 +128,13 @@ impl Cursors {
             Some(limit) => limit.min(MAX_LIMIT),
         };
         let after = match &params.cursor {
-            None => Keyset::start(),
+            None => P::start(),
             Some(cursor) => self.decode(cursor, binding)?,
         };
         Ok(PageRequest { limit, after })
     }
 
-    fn decode(&self, cursor: &str, binding: &str) -> Result<Keyset, Problem> {
+    fn decode<P: Position>(&self, cursor: &str, binding: &str) -> Result<P, Problem> {
         let invalid = || {
             Problem::new(
                 ErrorCode::InvalidCursor,
@@ -115,24 +142,11 @@ impl Cursors {
             )
         };
         let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
-        if bytes.len() != POSITION_LEN + MAC_LEN {
-            return Err(invalid());
-        }
-        let (position, mac) = bytes.split_at(POSITION_LEN);
-        // Constant-time comparison.
+        let position_len = bytes.len().checked_sub(MAC_LEN).ok_or_else(invalid)?;
+        let (position, mac) = bytes.split_at(position_len);
         hmac::verify(&self.key, &signed_message(position, binding), mac).map_err(|_| invalid())?;
-        let micros = i64::from_be_bytes(position[..8].try_into().map_err(|_| invalid())?);
-        let id = Uuid::from_slice(&position[8..]).map_err(|_| invalid())?;
-        let created_at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
-        Ok(Keyset { created_at, id })
+        P::from_bytes(position).ok_or_else(invalid)
     }
-}
-
-fn position_bytes(position: Keyset) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(POSITION_LEN + MAC_LEN);
-    bytes.extend_from_slice(&position.created_at.timestamp_micros().to_be_bytes());
-    bytes.extend_from_slice(position.id.as_bytes());
-    bytes
 }
 
 fn signed_message(position: &[u8], binding: &str) -> Vec<u8> {
@@ -148,11 +162,11 @@ pub struct Page<T> {
 
 /// Cuts a fetched `limit + 1` rows down to the page, returning the key of its last row when there
 /// is a next page.
-pub fn split_page<T>(
+pub fn split_page<T, P>(
     mut rows: Vec<T>,
     limit: i64,
-    key: impl Fn(&T) -> Keyset,
-) -> (Vec<T>, Option<Keyset>) {
+    key: impl Fn(&T) -> P,
+) -> (Vec<T>, Option<P>) {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     if rows.len() > limit {
         rows.truncate(limit);

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     PreconditionRequired,
     RateLimited,
+    InvalidCsvHeader,
+    ExternalRefTaken,
+    TooManyImports,
     InternalError,
     ServiceUnavailable,
     Timeout,
@@ -61,7 +64,7 @@ pub struct CodeSpec {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::MalformedBody,
         ErrorCode::InvalidParameter,
         ErrorCode::InvalidCursor,
@@ -81,6 +84,9 @@ impl ErrorCode {
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::PreconditionRequired,
         ErrorCode::RateLimited,
+        ErrorCode::InvalidCsvHeader,
+        ErrorCode::ExternalRefTaken,
+        ErrorCode::TooManyImports,
         ErrorCode::InternalError,
         ErrorCode::ServiceUnavailable,
         ErrorCode::Timeout,
@@ -94,7 +100,7 @@ impl ErrorCode {
                 "malformed_body",
                 S::BAD_REQUEST,
                 "Malformed request body",
-                "The body is not valid JSON.",
+                "The body is not valid JSON (or, for an import, not valid CSV).",
             ),
             ErrorCode::InvalidParameter => (
                 "invalid_parameter",
@@ -203,6 +209,24 @@ impl ErrorCode {
                 S::TOO_MANY_REQUESTS,
                 "Too many requests",
                 "You sent too many requests; retry after `Retry-After` seconds.",
+            ),
+            ErrorCode::InvalidCsvHeader => (
+                "invalid_csv_header",
+                S::UNPROCESSABLE_ENTITY,
+                "Invalid CSV header",
+                "The first row must be `external_ref,currency,sku,quantity,unit_price_cents` (+ optional `note`).",
+            ),
+            ErrorCode::ExternalRefTaken => (
+                "external_ref_taken",
+                S::CONFLICT,
+                "External reference taken",
+                "Another of your orders already has this `external_ref`.",
+            ),
+            ErrorCode::TooManyImports => (
+                "too_many_imports",
+                S::TOO_MANY_REQUESTS,
+                "Too many imports",
+                "You have as many imports queued or running as allowed; retry after `Retry-After`.",
             ),
             ErrorCode::InternalError => (
                 "internal_error",

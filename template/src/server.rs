@@ -23,6 +23,8 @@ pub struct Application {
     admin: Router,
     readiness: Readiness,
     shutdown: ShutdownConfig,
+    /// With `SERVE_RUNS_WORKERS=true`: the job workers, run in this process too.
+    workers: Option<(PgPool, Config)>,
 }
 
 impl Application {
@@ -53,6 +55,7 @@ impl Application {
         crate::kill_switch::check_known(&config.http.disabled, &routes)
             .map_err(anyhow::Error::msg)?;
         let admin = app::admin_router(db.clone());
+        let workers = config.jobs.in_serve.then(|| (db.clone(), config.clone()));
         let state = AppState::new(db, config)?;
         let readiness = state.readiness.clone();
         let limiter = state.rate_limiter.clone();
@@ -72,6 +75,7 @@ impl Application {
             admin,
             readiness,
             shutdown: config.shutdown.clone(),
+            workers,
         })
     }
 
@@ -98,7 +102,17 @@ impl Application {
         .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let admin = axum::serve(self.admin_listener, self.admin)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-        let drained = async { tokio::try_join!(api.into_future(), admin.into_future()) };
+        let workers = self.workers.map(|(db, config)| {
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move { crate::jobs::run(db, &config, stop).await })
+        });
+        let drained = async {
+            tokio::try_join!(api.into_future(), admin.into_future())?;
+            if let Some(workers) = workers {
+                workers.await.map_err(std::io::Error::other)?.map_err(std::io::Error::other)?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
         let grace_over = async {
             stop_accepting.cancelled().await;
             tokio::time::sleep(self.shutdown.grace_period).await;

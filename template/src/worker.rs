@@ -1,46 +1,68 @@
-//! The `worker` process: runs background work, separately from the API so each scales on its own.
+//! The `worker` process: background work, separate from the API so each scales on its own.
 //!
-//! Today that is the scheduled purge of expired idempotency keys; the CSV import queues join it.
-//! Several workers may run: the purge is a plain batched DELETE, safe to run concurrently. On
-//! SIGTERM the worker takes no new work, finishes the batch in progress, closes its connections
-//! and exits.
+//! It runs the job queues (`jobs`: CSV imports, webhook notifications) and the scheduled
+//! cleanups (expired idempotency keys, the leftovers of finished imports), and serves `/metrics`
+//! on `ADMIN_ADDR` for its own job metrics. Several workers may run: apalis gives each job to one
+//! worker, and the cleanups are plain batched DELETEs. On SIGTERM the worker takes no new job,
+//! lets running jobs reach their next checkpoint (their progress is committed; another worker
+//! resumes them), closes its connections and exits.
 
+use std::time::Duration;
+
+use anyhow::Context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::IdempotencyConfig;
-use crate::{idempotency, shutdown};
+use crate::config::Config;
+use crate::{idempotency, imports, jobs, shutdown};
 
-pub async fn run(db: PgPool, config: IdempotencyConfig) -> anyhow::Result<()> {
+/// Uploads older than this with no import are abandoned requests.
+const ORPHAN_UPLOAD_AGE: Duration = Duration::from_secs(3600);
+
+pub async fn run(db: PgPool, config: Config) -> anyhow::Result<()> {
     let signal = shutdown::signal();
     sqlx::query("SELECT 1").execute(&db).await?;
-    tracing::info!(
-        purge_interval_secs = config.purge_interval.as_secs(),
-        "worker started"
-    );
     let stop = CancellationToken::new();
-    let purge = {
-        let (db, stop) = (db.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(config.purge_interval);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    () = stop.cancelled() => return,
-                }
-                match idempotency::purge_expired(&db, config.retention, &stop).await {
-                    Ok(deleted) => tracing::info!(deleted, "purged expired idempotency keys"),
-                    // A failed purge is retried at the next tick; keys only live a little longer.
-                    Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
-                }
-            }
-        })
-    };
+    let cleanup = tokio::spawn(cleanups(db.clone(), config.clone(), stop.clone()));
+    let admin = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
+    let metrics = axum::serve(admin, crate::app::admin_router(db.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let metrics = tokio::spawn(metrics.into_future());
+    tracing::info!(admin_addr = %config.admin_addr, "worker started");
+    let jobs = tokio::spawn({
+        let (db, config, stop) = (db.clone(), config.clone(), stop.clone());
+        async move { jobs::run(db, &config, stop).await }
+    });
     signal.await;
     tracing::info!("shutdown requested: finishing the work in progress");
     stop.cancel();
-    purge.await?;
+    jobs.await??;
+    cleanup.await?;
+    metrics.await??;
     db.close().await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The scheduled cleanups, every `IDEMPOTENCY_PURGE_INTERVAL_SECS`. A failed run is retried at
+/// the next tick; rows only live a little longer.
+async fn cleanups(db: PgPool, config: Config, stop: CancellationToken) {
+    let mut every = tokio::time::interval(config.idempotency.purge_interval);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        match idempotency::purge_expired(&db, config.idempotency.retention, &stop).await {
+            Ok(deleted) => tracing::info!(deleted, "purged expired idempotency keys"),
+            Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
+        }
+        match imports::store::clean_up(&db, ORPHAN_UPLOAD_AGE).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "removed finished imports' leftovers"),
+            Err(error) => tracing::warn!(%error, "cleaning up imports failed"),
+        }
+    }
 }

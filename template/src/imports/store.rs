@@ -1,0 +1,520 @@
+//! The SQL for imports: the stored upload, the import row and its counters, staged rows, row
+//! errors, and the set-wise step that turns staged rows into orders. Each job step commits its
+//! effects together with the counters and checkpoint that describe them.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::domain::{ImportStatus, RowError, StagedRow};
+use crate::orders::domain::MAX_ITEMS;
+use crate::pagination::Keyset;
+
+#[derive(Debug, Clone)]
+pub struct Import {
+    pub id: Uuid,
+    pub owner_id: Uuid,
+    pub status: ImportStatus,
+    pub size_bytes: i64,
+    pub total_rows: i32,
+    pub processed_rows: i32,
+    pub imported_orders: i32,
+    pub rejected_orders: i32,
+    pub failed_rows: i32,
+    pub staged: bool,
+    pub grouped_through: Option<String>,
+    pub request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+struct ImportRow {
+    id: Uuid,
+    owner_id: Uuid,
+    status: String,
+    size_bytes: i64,
+    total_rows: i32,
+    processed_rows: i32,
+    imported_orders: i32,
+    rejected_orders: i32,
+    failed_rows: i32,
+    staged: bool,
+    grouped_through: Option<String>,
+    request_id: Option<String>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<ImportRow> for Import {
+    type Error = sqlx::Error;
+
+    fn try_from(row: ImportRow) -> sqlx::Result<Import> {
+        let status = ImportStatus::from_stored(&row.status)
+            .map_err(|error| sqlx::Error::Decode(error.into()))?;
+        Ok(Import {
+            id: row.id,
+            owner_id: row.owner_id,
+            status,
+            size_bytes: row.size_bytes,
+            total_rows: row.total_rows,
+            processed_rows: row.processed_rows,
+            imported_orders: row.imported_orders,
+            rejected_orders: row.rejected_orders,
+            failed_rows: row.failed_rows,
+            staged: row.staged,
+            grouped_through: row.grouped_through,
+            request_id: row.request_id,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+        })
+    }
+}
+
+// ---- The upload -------------------------------------------------------------------------------
+
+pub async fn insert_chunk(db: &PgPool, import_id: Uuid, seq: i32, data: &[u8]) -> sqlx::Result<()> {
+    sqlx::query!(
+        "INSERT INTO import_files (import_id, seq, data) VALUES ($1, $2, $3)",
+        import_id,
+        seq,
+        data,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn chunk(db: &PgPool, import_id: Uuid, seq: i32) -> sqlx::Result<Option<Vec<u8>>> {
+    sqlx::query_scalar!(
+        "SELECT data FROM import_files WHERE import_id = $1 AND seq = $2",
+        import_id,
+        seq,
+    )
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn delete_upload(db: &PgPool, import_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!("DELETE FROM import_files WHERE import_id = $1", import_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+// ---- Imports ----------------------------------------------------------------------------------
+
+/// Serialises the imports of one owner until the transaction ends, so that two uploads finishing
+/// together cannot both pass the cap on active imports.
+pub async fn lock_owner(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<()> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('imports:' || $1::uuid::text, 0))",
+        owner,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn count_active(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<i64> {
+    let count = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM imports
+           WHERE owner_id = $1 AND status IN ('queued', 'running')"#,
+        owner,
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(count)
+}
+
+pub async fn insert(
+    conn: &mut PgConnection,
+    id: Uuid,
+    owner: Uuid,
+    size_bytes: i64,
+    total_rows: i32,
+    request_id: Option<&str>,
+) -> sqlx::Result<Import> {
+    sqlx::query_as!(
+        ImportRow,
+        "INSERT INTO imports (id, owner_id, size_bytes, total_rows, request_id)
+         VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
+                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
+                   started_at, finished_at",
+        id,
+        owner,
+        size_bytes,
+        total_rows,
+        request_id,
+    )
+    .fetch_one(conn)
+    .await?
+    .try_into()
+}
+
+pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Import>> {
+    sqlx::query_as!(
+        ImportRow,
+        "SELECT id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
+                rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
+                started_at, finished_at
+         FROM imports WHERE id = $1",
+        id,
+    )
+    .fetch_optional(conn)
+    .await?
+    .map(Import::try_from)
+    .transpose()
+}
+
+/// One page of `owner`'s imports, newest first, strictly after `after`.
+pub async fn list(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    after: Keyset,
+    limit: i64,
+) -> sqlx::Result<Vec<Import>> {
+    sqlx::query_as!(
+        ImportRow,
+        "SELECT id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
+                rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
+                started_at, finished_at
+         FROM imports WHERE owner_id = $1 AND (created_at, id) < ($2, $3)
+         ORDER BY created_at DESC, id DESC LIMIT $4",
+        owner,
+        after.created_at,
+        after.id,
+        limit,
+    )
+    .fetch_all(conn)
+    .await?
+    .into_iter()
+    .map(Import::try_from)
+    .collect()
+}
+
+/// A row error as served by `GET /v1/imports/{id}/errors`, with its position in that list.
+#[derive(Debug, Clone)]
+pub struct StoredError {
+    pub id: i64,
+    pub row: i32,
+    pub field: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// One page of an import's row errors in (row, id) order, strictly after `after`.
+pub async fn errors(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+    after: (i32, i64),
+    limit: i64,
+) -> sqlx::Result<Vec<StoredError>> {
+    sqlx::query_as!(
+        StoredError,
+        r#"SELECT id, row_no AS "row", field, code, message FROM import_errors
+           WHERE import_id = $1 AND (row_no, id) > ($2, $3)
+           ORDER BY row_no, id LIMIT $4"#,
+        import_id,
+        after.0,
+        after.1,
+        limit,
+    )
+    .fetch_all(conn)
+    .await
+}
+
+// ---- The job's steps --------------------------------------------------------------------------
+
+/// Marks the import running (again, after a crash or retry) and returns it; `None` when it is
+/// already finished, so a job that runs twice does nothing the second time.
+pub async fn start(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>> {
+    sqlx::query_as!(
+        ImportRow,
+        "UPDATE imports SET status = 'running', started_at = coalesce(started_at, now())
+         WHERE id = $1 AND status IN ('queued', 'running')
+         RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
+                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
+                   started_at, finished_at",
+        id,
+    )
+    .fetch_optional(db)
+    .await?
+    .map(Import::try_from)
+    .transpose()
+}
+
+/// Stages one batch of rows with COPY, records its row errors, and moves `processed_rows` to
+/// `through_row`: all in the caller's transaction, so a batch is either wholly done or not at all.
+pub async fn stage_batch(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+    rows: &[StagedRow],
+    errors: &[RowError],
+    through_row: i32,
+) -> sqlx::Result<()> {
+    if !rows.is_empty() {
+        let mut copy = conn
+            .copy_in_raw(
+                "COPY import_rows (import_id, external_ref, row_no, valid, currency, sku, quantity, \
+                 unit_price_cents, note) FROM STDIN",
+            )
+            .await?;
+        let mut text = String::with_capacity(rows.len() * 64);
+        for row in rows {
+            row.write_copy_line(import_id, &mut text);
+        }
+        copy.send(text.into_bytes()).await?;
+        copy.finish().await?;
+    }
+    if !errors.is_empty() {
+        insert_errors(conn, import_id, errors).await?;
+    }
+    let failed = i32::try_from(errors.iter().map(|e| e.row).collect::<std::collections::BTreeSet<_>>().len())
+        .unwrap_or(i32::MAX);
+    sqlx::query!(
+        "UPDATE imports SET processed_rows = $2, failed_rows = failed_rows + $3 WHERE id = $1",
+        import_id,
+        through_row,
+        failed,
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_errors(conn: &mut PgConnection, import_id: Uuid, errors: &[RowError]) -> sqlx::Result<()> {
+    let rows: Vec<i32> = errors.iter().map(|e| e.row).collect();
+    let fields: Vec<&str> = errors.iter().map(|e| e.field).collect();
+    let codes: Vec<&str> = errors.iter().map(|e| e.code.as_ref()).collect();
+    let messages: Vec<&str> = errors.iter().map(|e| e.message.as_ref()).collect();
+    sqlx::query!(
+        "INSERT INTO import_errors (import_id, row_no, field, code, message)
+         SELECT $1, * FROM UNNEST($2::integer[], $3::text[], $4::text[], $5::text[])",
+        import_id,
+        &rows,
+        &fields as &[&str],
+        &codes as &[&str],
+        &messages as &[&str],
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_staged(db: &PgPool, import_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!("UPDATE imports SET staged = true WHERE id = $1", import_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The last external_ref of the next range of up to `orders` orders after `after` (all of them
+/// when `after` is `None`), or `None` when every order has been grouped.
+pub async fn next_range(
+    db: &PgPool,
+    import_id: Uuid,
+    after: Option<&str>,
+    orders: i64,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar!(
+        "SELECT max(external_ref) FROM (
+             SELECT DISTINCT external_ref FROM import_rows
+             WHERE import_id = $1 AND external_ref > coalesce($2, '')
+             ORDER BY external_ref LIMIT $3
+         ) AS range_",
+        import_id,
+        after,
+        orders,
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// What grouping one range did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Grouped {
+    /// Orders created, or found already created by an earlier run or import.
+    pub imported: i32,
+    /// Orders left out because one of their rows is invalid.
+    pub rejected: i32,
+    /// Rows newly found invalid by the order-level rules.
+    pub failed_rows: i32,
+}
+
+/// Turns the staged rows with external_ref in (`after`, `through`] into draft orders owned by
+/// `owner`, and commits the counters and the checkpoint with them (caller's transaction).
+///
+/// Set-wise in SQL rather than row by row: this is the import's hot path. The order-level rules
+/// (one currency per order, at most `MAX_ITEMS` items) are checked here, where the rows of an
+/// order first meet; the field rules were checked row by row in Rust when the rows were staged.
+pub async fn group_range(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+    owner: Uuid,
+    after: Option<&str>,
+    through: &str,
+) -> sqlx::Result<Grouped> {
+    let max_items = i64::try_from(MAX_ITEMS).unwrap_or(i64::MAX);
+    let failed_rows = sqlx::query_scalar!(
+        r#"WITH ranked AS (
+               SELECT external_ref, row_no, currency,
+                      row_number() OVER w AS position,
+                      first_value(currency) OVER w AS order_currency
+               FROM import_rows
+               WHERE import_id = $1 AND external_ref > coalesce($2, '') AND external_ref <= $3 AND valid
+               WINDOW w AS (PARTITION BY external_ref ORDER BY row_no)
+           ),
+           bad AS (
+               SELECT external_ref, row_no, 'currency' AS field, 'currency_mismatch' AS code,
+                      'differs from the currency of the first row of this order' AS message
+               FROM ranked WHERE currency <> order_currency
+               UNION ALL
+               SELECT external_ref, row_no, 'external_ref', 'too_many_items',
+                      'an order has at most ' || $4::bigint || ' items'
+               FROM ranked WHERE currency = order_currency AND position > $4::bigint
+           ),
+           marked AS (
+               UPDATE import_rows r SET valid = false FROM bad
+               WHERE r.import_id = $1 AND r.external_ref = bad.external_ref AND r.row_no = bad.row_no
+           ),
+           recorded AS (
+               INSERT INTO import_errors (import_id, row_no, field, code, message)
+               SELECT $1, row_no, field, code, message FROM bad
+           )
+           SELECT count(*)::integer AS "failed!" FROM bad"#,
+        import_id,
+        after,
+        through,
+        max_items,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+
+    let counts = sqlx::query!(
+        r#"WITH groups AS (
+               SELECT external_ref, bool_and(valid) AS valid, min(currency) AS currency,
+                      sum(quantity * unit_price_cents) AS total_cents,
+                      (array_agg(note ORDER BY row_no) FILTER (WHERE note IS NOT NULL))[1] AS note
+               FROM import_rows
+               WHERE import_id = $1 AND external_ref > coalesce($2, '') AND external_ref <= $3
+               GROUP BY external_ref
+           ),
+           created AS (
+               INSERT INTO orders (id, owner_id, currency, total_cents, note, external_ref)
+               SELECT uuid_v7(), $4, currency, total_cents, note, external_ref
+               FROM groups WHERE valid
+               ORDER BY external_ref
+               ON CONFLICT (owner_id, external_ref) WHERE external_ref IS NOT NULL DO NOTHING
+               RETURNING id, external_ref
+           ),
+           items AS (
+               INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
+               SELECT created.id,
+                      row_number() OVER (PARTITION BY r.external_ref ORDER BY r.row_no),
+                      r.sku, r.quantity, r.unit_price_cents
+               FROM created
+               JOIN import_rows r ON r.import_id = $1 AND r.external_ref = created.external_ref
+           )
+           SELECT count(*) FILTER (WHERE valid)::integer AS "imported!",
+                  count(*) FILTER (WHERE NOT valid)::integer AS "rejected!"
+           FROM groups"#,
+        import_id,
+        after,
+        through,
+        owner,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+
+    sqlx::query!(
+        "UPDATE imports SET imported_orders = imported_orders + $2,
+                            rejected_orders = rejected_orders + $3,
+                            failed_rows = failed_rows + $4,
+                            grouped_through = $5
+         WHERE id = $1",
+        import_id,
+        counts.imported,
+        counts.rejected,
+        failed_rows,
+        through,
+    )
+    .execute(conn)
+    .await?;
+    Ok(Grouped {
+        imported: counts.imported,
+        rejected: counts.rejected,
+        failed_rows,
+    })
+}
+
+/// The final state, committed with whatever must happen exactly once after it (the caller's
+/// transaction also enqueues the notification).
+pub async fn finish(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Import> {
+    sqlx::query_as!(
+        ImportRow,
+        "UPDATE imports
+         SET status = CASE WHEN failed_rows = 0 THEN 'succeeded' ELSE 'completed_with_errors' END,
+             finished_at = now()
+         WHERE id = $1
+         RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
+                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
+                   started_at, finished_at",
+        import_id,
+    )
+    .fetch_one(conn)
+    .await?
+    .try_into()
+}
+
+/// Gives up on an import whose job has run out of attempts.
+pub async fn fail(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Option<Import>> {
+    sqlx::query_as!(
+        ImportRow,
+        "UPDATE imports SET status = 'failed', finished_at = now()
+         WHERE id = $1 AND status IN ('queued', 'running')
+         RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
+                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
+                   started_at, finished_at",
+        import_id,
+    )
+    .fetch_optional(conn)
+    .await?
+    .map(Import::try_from)
+    .transpose()
+}
+
+/// Removes what a finished import no longer needs: its staged rows and its file, and uploads
+/// whose request never created an import (older than `orphan_age`). Safe to run at any time and
+/// from several workers.
+pub async fn clean_up(db: &PgPool, orphan_age: std::time::Duration) -> sqlx::Result<u64> {
+    let staged = sqlx::query!(
+        "DELETE FROM import_rows r USING imports i
+         WHERE r.import_id = i.id AND i.status NOT IN ('queued', 'running')",
+    )
+    .execute(db)
+    .await?
+    .rows_affected();
+    let files = sqlx::query!(
+        "DELETE FROM import_files f
+         WHERE NOT EXISTS (SELECT 1 FROM imports i WHERE i.id = f.import_id AND i.status IN ('queued', 'running'))
+           AND (EXISTS (SELECT 1 FROM imports i WHERE i.id = f.import_id)
+                OR f.created_at < now() - make_interval(secs => $1))",
+        orphan_age.as_secs_f64(),
+    )
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(staged + files)
+}
+
+/// Removes one finished import's staged rows and file right away.
+pub async fn discard_work(db: &PgPool, import_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query!("DELETE FROM import_rows WHERE import_id = $1", import_id)
+        .execute(db)
+        .await?;
+    delete_upload(db, import_id).await
+}

@@ -1,0 +1,187 @@
+//! Background jobs on Postgres with apalis: enqueueing, the worker loop, and job metrics.
+//!
+//! Prevents: slow work inside requests; a job lost between a commit and its enqueue, or enqueued
+//! for a row that was rolled back (a job is a row in `apalis.jobs`, written in the transaction of
+//! its cause); one job run by two workers at once (apalis locks it to one); and jobs lost with a
+//! crashed worker (each worker sends heartbeats; the jobs of a worker that falls silent go back to
+//! the queue). Jobs must therefore be safe to run again: each commits progress with its effects.
+//!
+//! To add a job: a payload type, a queue name, a handler, and one `spawn_worker` line in [`run`].
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use apalis::layers::retry::{BackoffRetryPolicy, RetryIfPolicy, RetryPolicy};
+use apalis::prelude::*;
+use apalis_postgres::{Config as QueueConfig, PostgresStorage};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tower::retry::backoff::{ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::util::rng::HasherRng;
+
+use crate::config::{Config, JobsConfig};
+
+pub const JOBS_STARTED: &str = "jobs_started_total";
+pub const JOBS_SUCCEEDED: &str = "jobs_succeeded_total";
+pub const JOBS_FAILED: &str = "jobs_failed_total";
+pub const JOBS_RETRIED: &str = "jobs_retried_total";
+pub const JOB_DURATION: &str = "job_duration_seconds";
+pub const QUEUE_DEPTH: &str = "job_queue_depth";
+pub const QUEUE_OLDEST_AGE: &str = "job_queue_oldest_age_seconds";
+
+/// The queues, one per kind of job.
+pub const QUEUES: [&str; 2] = [crate::imports::job::QUEUE, crate::webhook::QUEUE];
+
+/// Writes a job into `queue` in the caller's transaction: it becomes visible to workers (and
+/// wakes them through NOTIFY) only when that transaction commits.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    queue: &str,
+    payload: &impl Serialize,
+    max_attempts: usize,
+) -> anyhow::Result<()> {
+    let task = TaskBuilder::new(serde_json::to_vec(payload)?)
+        .max_attempts(max_attempts)
+        .build();
+    apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await?;
+    Ok(())
+}
+
+/// Creates the job queue's tables (schema `apalis`); part of the `migrate` subcommand.
+pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
+    PostgresStorage::<()>::setup(db).await?;
+    Ok(())
+}
+
+/// A job that stopped because the worker is shutting down. It is not a failure: its progress is
+/// committed, and the next worker to take the job resumes it.
+#[derive(Debug, thiserror::Error)]
+#[error("released: the worker is shutting down")]
+pub struct Released;
+
+/// Why a job run failed, for the retry policy: [`Released`] is not retried in this process.
+pub type JobError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs every queue's workers until `stop` is cancelled; then they take no new job, and running
+/// jobs stop at their next checkpoint (or finish) before this returns.
+pub async fn run(db: PgPool, config: &Config, stop: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(
+        concurrency = config.jobs.concurrency,
+        queues = ?QUEUES,
+        "job workers started"
+    );
+    let workers = [
+        Some(crate::imports::job::spawn_worker(db.clone(), config, stop.clone())?),
+        crate::webhook::spawn_worker(db, config, stop)?,
+    ];
+    for worker in workers.into_iter().flatten() {
+        worker.await??;
+    }
+    tracing::info!("job workers stopped");
+    Ok(())
+}
+
+/// A worker running on its own task.
+pub type Running = tokio::task::JoinHandle<Result<(), apalis::prelude::WorkerError>>;
+
+/// The shutdown signal in the form apalis's `run_until` takes.
+pub async fn until(stop: CancellationToken) -> Result<(), std::io::Error> {
+    stop.cancelled().await;
+    Ok(())
+}
+
+/// The queue settings shared by every worker: wake on NOTIFY, heartbeats, and how long a silent
+/// worker's jobs stay locked before another worker takes them over.
+pub fn queue_config(queue: &str, jobs: &JobsConfig) -> QueueConfig {
+    QueueConfig::default()
+        .queue(queue)
+        .batch_size(jobs.concurrency)
+        .heartbeat_interval(jobs.heartbeat)
+        .missed_heartbeats(jobs.missed_heartbeats)
+}
+
+pub fn storage<T>(db: &PgPool, queue: &str, jobs: &JobsConfig) -> PostgresStorage<T> {
+    PostgresStorage::new(db).with_config(queue_config(queue, jobs))
+}
+
+/// Exponential backoff from `JOB_RETRY_BASE_MS`, doubling up to 5 minutes, with jitter so that
+/// jobs failing together do not retry together; a released job is not retried here.
+pub fn retry_policy(jobs: &JobsConfig) -> anyhow::Result<Retry> {
+    let backoff = ExponentialBackoffMaker::new(
+        jobs.retry_base,
+        Duration::from_secs(300),
+        0.5,
+        HasherRng::default(),
+    )?
+    .make_backoff();
+    Ok(RetryPolicy::retries(jobs.max_attempts.saturating_sub(1))
+        .with_backoff(backoff)
+        .retry_if(is_retryable as fn(&JobError) -> bool))
+}
+
+pub type Retry = RetryIfPolicy<BackoffRetryPolicy<ExponentialBackoff>, fn(&JobError) -> bool>;
+
+fn is_retryable(error: &JobError) -> bool {
+    !error.is::<Released>()
+}
+
+/// A unique worker name per process and queue; apalis tracks heartbeats by it.
+pub fn worker_name(queue: &str) -> String {
+    format!("{queue}-{}", uuid::Uuid::now_v7())
+}
+
+/// Runs one job attempt inside a `job {queue}` span and records its metrics.
+pub async fn instrumented<F, T>(queue: &'static str, attempt: usize, work: F) -> Result<T, JobError>
+where
+    F: Future<Output = Result<T, JobError>>,
+{
+    use tracing::Instrument;
+    metrics::counter!(JOBS_STARTED, "queue" => queue).increment(1);
+    if attempt > 1 {
+        metrics::counter!(JOBS_RETRIED, "queue" => queue).increment(1);
+    }
+    let started = Instant::now();
+    let span = tracing::info_span!("job", otel.name = format!("job {queue}"), queue, attempt);
+    let result = work.instrument(span).await;
+    let outcome = match &result {
+        Ok(_) => {
+            metrics::counter!(JOBS_SUCCEEDED, "queue" => queue).increment(1);
+            "succeeded"
+        }
+        Err(error) if error.is::<Released>() => "released",
+        Err(error) => {
+            metrics::counter!(JOBS_FAILED, "queue" => queue).increment(1);
+            tracing::warn!(queue, attempt, error = %error, "job failed");
+            "failed"
+        }
+    };
+    metrics::histogram!(JOB_DURATION, "queue" => queue, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Queue depth and the age of the oldest waiting job, per queue, read at scrape time: the
+/// queue-lag alert fires on the age, which grows when workers are down or too few.
+pub async fn record_queue_gauges(db: &PgPool) -> sqlx::Result<()> {
+    let rows = sqlx::query!(
+        r#"SELECT job_type AS "queue!",
+                  count(*) AS "depth!",
+                  coalesce(extract(epoch FROM now() - min(run_at)), 0)::float8 AS "oldest_age!"
+           FROM apalis.jobs
+           WHERE run_at <= now()
+             AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+           GROUP BY job_type"#,
+    )
+    .fetch_all(db)
+    .await?;
+    for queue in QUEUES {
+        let row = rows.iter().find(|row| row.queue == queue);
+        #[allow(clippy::cast_precision_loss)]
+        let depth = row.map_or(0.0, |row| row.depth as f64);
+        metrics::gauge!(QUEUE_DEPTH, "queue" => queue).set(depth);
+        metrics::gauge!(QUEUE_OLDEST_AGE, "queue" => queue)
+            .set(row.map_or(0.0, |row| row.oldest_age));
+    }
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! Import notifications to a partner's webhook, through an adapter.
+//!
+//! Prevents: a slow or dead partner slowing the service (the call runs in a job with a timeout,
+//! never in a request); hammering a partner that is down (a circuit breaker refuses calls for a
+//! cooldown after several failures in a row, then lets one trial through); lost notifications
+//! (the job is enqueued with the import's final state and retried with backoff); and server-side
+//! request forgery (the target must be http(s) and resolve only to public addresses, redirects are
+//! not followed). The rest of the service sees [`Notification`]; only this module knows the
+//! partner's wire format.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use chrono::{DateTime, Utc};
+use reqwest::Url;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::imports::domain::ImportStatus;
+use crate::imports::store::Import;
+use crate::jobs::{self, JobError};
+
+pub const QUEUE: &str = "webhooks";
+pub const DELIVERIES: &str = "webhook_deliveries_total";
+pub const CIRCUIT_OPEN: &str = "webhook_circuit_open";
+
+/// What the service tells the outside world when an import finishes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Notification {
+    pub import_id: Uuid,
+    pub owner_id: Uuid,
+    pub status: ImportStatus,
+    pub total_rows: i32,
+    pub imported_orders: i32,
+    pub rejected_orders: i32,
+    pub failed_rows: i32,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub request_id: Option<String>,
+}
+
+impl From<&Import> for Notification {
+    fn from(import: &Import) -> Self {
+        Notification {
+            import_id: import.id,
+            owner_id: import.owner_id,
+            status: import.status,
+            total_rows: import.total_rows,
+            imported_orders: import.imported_orders,
+            rejected_orders: import.rejected_orders,
+            failed_rows: import.failed_rows,
+            finished_at: import.finished_at,
+            request_id: import.request_id.clone(),
+        }
+    }
+}
+
+/// The partner's wire format. Change it here and nowhere else.
+#[derive(Debug, Serialize)]
+struct WireEvent<'a> {
+    #[serde(rename = "type")]
+    type_: &'static str,
+    /// Stable per import: receivers drop duplicates by it (deliveries are at least once).
+    id: String,
+    data: &'a Notification,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("the circuit is open: the receiver failed {0} times in a row")]
+    CircuitOpen(u32),
+    #[error("the target is not allowed: {0}")]
+    Forbidden(String),
+    #[error("the receiver answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("the call failed: {0}")]
+    Transport(#[from] reqwest::Error),
+}
+
+/// The adapter: one partner URL, a client with a timeout and an address filter, and a breaker.
+#[derive(Debug)]
+pub struct Webhook {
+    url: Url,
+    client: reqwest::Client,
+    allow_private: bool,
+    breaker: CircuitBreaker,
+}
+
+impl Webhook {
+    pub fn new(
+        url: Url,
+        timeout: Duration,
+        allow_private: bool,
+        breaker: CircuitBreaker,
+    ) -> anyhow::Result<Self> {
+        let mut client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            // A redirect could lead anywhere, the internal network included: a 3xx is a failure.
+            .redirect(reqwest::redirect::Policy::none());
+        if !allow_private {
+            client = client.dns_resolver(Arc::new(PublicAddressesOnly));
+        }
+        Ok(Webhook {
+            url,
+            client: client.build()?,
+            allow_private,
+            breaker,
+        })
+    }
+
+    pub async fn send(&self, notification: &Notification) -> Result<(), DeliveryError> {
+        // An address written in the URL is not resolved, so the filter must see it here.
+        if !self.allow_private
+            && let Some(ip) = literal_ip(&self.url)
+            && !is_public(ip)
+        {
+            return Err(DeliveryError::Forbidden(format!("{ip} is not a public address")));
+        }
+        self.breaker.allow()?;
+        let event = WireEvent {
+            type_: "import.finished",
+            id: format!("import-{}", notification.import_id),
+            data: notification,
+        };
+        let mut request = self.client.post(self.url.clone()).json(&event);
+        if let Some(request_id) = &notification.request_id {
+            request = request.header(crate::request_id::REQUEST_ID_HEADER, request_id);
+        }
+        let result = match request.send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(DeliveryError::Status(response.status())),
+            Err(error) => Err(DeliveryError::Transport(error.without_url())),
+        };
+        self.breaker.record(result.is_ok());
+        result
+    }
+}
+
+fn literal_ip(url: &Url) -> Option<IpAddr> {
+    let host = url.host_str()?;
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// Whether `ip` is on the public internet: not loopback, private, link-local, shared (CGNAT),
+/// unspecified, multicast or documentation space, including IPv4 addresses inside IPv6.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => is_public_v4(ip),
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => is_public_v4(v4),
+            None => is_public_v6(ip),
+        },
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    !(ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b)))
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (first & 0xfe00) == 0xfc00
+        || (first & 0xffc0) == 0xfe80)
+}
+
+/// Resolves names as usual, then keeps only public addresses; a name with none fails.
+#[derive(Debug)]
+struct PublicAddressesOnly;
+
+impl Resolve for PublicAddressesOnly {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|address| is_public(address.ip()))
+                .collect();
+            if addresses.is_empty() {
+                return Err(format!("{host} resolves to no public address").into());
+            }
+            Ok(Box::new(addresses.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Consecutive failures open the circuit for `cooldown`; then one trial call decides whether it
+/// closes again. Written here rather than taken from apalis: its worker-level breaker (1.0)
+/// ignores its configured thresholds, and it would count every job error, not the partner's.
+#[derive(Debug)]
+pub struct CircuitBreaker {
+    threshold: u32,
+    cooldown: Duration,
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl CircuitBreaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        CircuitBreaker {
+            threshold,
+            cooldown,
+            state: Mutex::default(),
+        }
+    }
+
+    fn allow(&self) -> Result<(), DeliveryError> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match state.open_until {
+            Some(until) if Instant::now() < until => {
+                metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
+                Err(DeliveryError::CircuitOpen(state.failures))
+            }
+            Some(_) => {
+                // Half-open: this call is the trial; until it ends, others are refused.
+                state.open_until = Some(Instant::now() + self.cooldown);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn record(&self, success: bool) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if success {
+            metrics::counter!(DELIVERIES, "outcome" => "delivered").increment(1);
+            *state = BreakerState::default();
+        } else {
+            metrics::counter!(DELIVERIES, "outcome" => "failed").increment(1);
+            state.failures += 1;
+            if state.failures >= self.threshold {
+                if state.open_until.is_none() {
+                    tracing::warn!(failures = state.failures, "webhook circuit opened");
+                }
+                state.open_until = Some(Instant::now() + self.cooldown);
+            }
+        }
+        metrics::gauge!(CIRCUIT_OPEN).set(if state.open_until.is_some() { 1.0 } else { 0.0 });
+    }
+}
+
+/// Starts the notification worker; it runs until `stop` is cancelled. Without
+/// `IMPORT_WEBHOOK_URL` nothing is ever enqueued for it, and it is not started.
+pub fn spawn_worker(
+    db: PgPool,
+    config: &Config,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<jobs::Running>> {
+    let Some(url) = config.imports.webhook_url.clone() else {
+        return Ok(None);
+    };
+    let webhook = Arc::new(Webhook::new(
+        url,
+        config.log.outbound_timeout,
+        config.imports.webhook_allow_private,
+        CircuitBreaker::new(config.imports.breaker_failures, config.imports.breaker_cooldown),
+    )?);
+    let worker = WorkerBuilder::new(jobs::worker_name(QUEUE))
+        .backend(jobs::storage::<Notification>(&db, QUEUE, &config.jobs).with_pubsub())
+        .data(webhook)
+        .catch_panic()
+        .retry(jobs::retry_policy(&config.jobs)?)
+        .concurrency(config.jobs.concurrency)
+        .parallelize(tokio::spawn)
+        .build(deliver);
+    Ok(Some(tokio::spawn(worker.run_until(jobs::until(stop)))))
+}
+
+async fn deliver(
+    notification: Notification,
+    webhook: Data<Arc<Webhook>>,
+    attempt: Attempt,
+) -> Result<(), JobError> {
+    jobs::instrumented(QUEUE, attempt.current(), async {
+        webhook.send(&notification).await.map_err(JobError::from)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_addresses_are_targets() {
+        for private in [
+            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+            "0.0.0.0", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn the_breaker_opens_after_the_threshold_and_lets_one_trial_through() {
+        let breaker = CircuitBreaker::new(2, Duration::from_millis(50));
+        breaker.record(false);
+        assert!(breaker.allow().is_ok(), "one failure is below the threshold");
+        breaker.record(false);
+        assert!(matches!(breaker.allow(), Err(DeliveryError::CircuitOpen(2))));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(breaker.allow().is_ok(), "the trial after the cooldown");
+        assert!(breaker.allow().is_err(), "only one trial at a time");
+        breaker.record(true);
+        assert!(breaker.allow().is_ok(), "a good trial closes the circuit");
+    }
+
+    #[tokio::test]
+    async fn a_loopback_target_is_refused_before_any_call() {
+        let webhook = Webhook::new(
+            "http://127.0.0.1:9/hook".parse().unwrap(),
+            Duration::from_secs(1),
+            false,
+            CircuitBreaker::new(5, Duration::from_secs(1)),
+        )
+        .unwrap();
+        let notification = Notification {
+            import_id: Uuid::nil(),
+            owner_id: Uuid::nil(),
+            status: ImportStatus::Succeeded,
+            total_rows: 0,
+            imported_orders: 0,
+            rejected_orders: 0,
+            failed_rows: 0,
+            finished_at: None,
+            request_id: None,
+        };
+        let error = webhook.send(&notification).await.unwrap_err();
+        assert!(matches!(error, DeliveryError::Forbidden(_)), "{error}");
+        let named = Webhook::new(
+            "http://localhost:9/hook".parse().unwrap(),
+            Duration::from_secs(1),
+            false,
+            CircuitBreaker::new(5, Duration::from_secs(1)),
+        )
+        .unwrap();
+        let error = named.send(&notification).await.unwrap_err();
+        assert!(
+            format!("{:?}", error).contains("no public address"),
+            "a name resolving to loopback is refused: {error:?}"
+        );
+    }
+}
