@@ -22,8 +22,8 @@ use crate::rate_limit::RateLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
 use crate::shutdown::Readiness;
 use crate::{
-    auth, client_ip, deprecation, health, imports, keys, kill_switch, metrics, openapi, orders, overload,
-    problem, rate_limit, request_id, request_log, security_headers,
+    auth, client_ip, deprecation, health, imports, keys, kill_switch, metrics, openapi, orders,
+    overload, problem, rate_limit, request_id, request_log, security_headers,
 };
 
 /// What handlers share. Cheap to clone: every field is a handle.
@@ -137,7 +137,7 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             // Two body limits. tower-http's covers every body, streamed or buffered, at the
             // largest any route takes (a CSV import); axum's applies to the JSON extractors.
             .layer(RequestBodyLimitLayer::new(
-                http.max_body_bytes.max(http.max_upload_bytes),
+                http.max_body_bytes.max(state.imports.max_bytes),
             ))
             .layer(DefaultBodyLimit::max(http.max_body_bytes)),
     )

@@ -38,6 +38,8 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct ImportsConfig {
+    /// Largest CSV upload in bytes (`IMPORT_MAX_BYTES`, default 20 MiB); larger gets 413.
+    pub max_bytes: usize,
     /// Most data rows in one file (`IMPORT_MAX_ROWS`); more gets 413.
     pub max_rows: u32,
     /// Imports one user may have queued or running at once (`IMPORT_MAX_ACTIVE_PER_USER`); one
@@ -162,8 +164,7 @@ pub enum LogFormat {
 pub struct HttpConfig {
     /// Largest JSON request body accepted, in bytes (`MAX_BODY_BYTES`); larger bodies get 413.
     pub max_body_bytes: usize,
-    /// Largest upload (a CSV import) in bytes (`IMPORT_MAX_BYTES`, default 20 MiB); larger gets 413.
-    pub max_upload_bytes: usize,
+
     /// Longest a request may take before it is abandoned with 503 `timeout`
     /// (`REQUEST_TIMEOUT_SECS`). Keep it above `DATABASE_STATEMENT_TIMEOUT_MS`.
     pub request_timeout: Duration,
@@ -264,8 +265,6 @@ impl Config {
         let outbound_timeout = env.millis("OUTBOUND_HTTP_TIMEOUT_MS", 5_000);
         let max_body_bytes =
             env.parse_in_range("MAX_BODY_BYTES", 1024 * 1024, 1..=64 * 1024 * 1024);
-        let max_upload_bytes =
-            env.parse_in_range("IMPORT_MAX_BYTES", 20 * 1024 * 1024, 1..=1 << 30);
         let request_timeout = env
             .parse_in_range("REQUEST_TIMEOUT_SECS", 10, 1..=600)
             .map(Duration::from_secs);
@@ -304,7 +303,6 @@ impl Config {
             Some(otlp_endpoint),
             Some(outbound_timeout),
             Some(max_body_bytes),
-            Some(max_upload_bytes),
             Some(request_timeout),
             Some(max_concurrent_requests),
             Some(cors_allowed_origins),
@@ -339,7 +337,6 @@ impl Config {
             otlp_endpoint,
             outbound_timeout,
             max_body_bytes,
-            max_upload_bytes,
             request_timeout,
             max_concurrent_requests,
             cors_allowed_origins,
@@ -374,7 +371,6 @@ impl Config {
             },
             http: HttpConfig {
                 max_body_bytes,
-                max_upload_bytes,
                 request_timeout,
                 max_concurrent_requests,
                 cors_allowed_origins,
@@ -481,6 +477,7 @@ impl Reader<'_> {
     }
 
     fn imports(&mut self) -> Option<ImportsConfig> {
+        let max_bytes = self.parse_in_range("IMPORT_MAX_BYTES", 20 * 1024 * 1024, 1..=1 << 30);
         let max_rows = self.parse_in_range("IMPORT_MAX_ROWS", 1_000_000, 1..=10_000_000);
         let max_active_per_user = self.parse_in_range("IMPORT_MAX_ACTIVE_PER_USER", 3, 1..=1000);
         let webhook_url = self.webhook_url("IMPORT_WEBHOOK_URL");
@@ -488,6 +485,7 @@ impl Reader<'_> {
         let breaker_failures = self.parse_in_range("WEBHOOK_BREAKER_FAILURES", 5, 1..=1000);
         let breaker_cooldown = self.seconds("WEBHOOK_BREAKER_COOLDOWN_SECS", 30);
         Some(ImportsConfig {
+            max_bytes: max_bytes?,
             max_rows: max_rows?,
             max_active_per_user: max_active_per_user?,
             webhook_url: webhook_url?,
@@ -526,7 +524,10 @@ impl Reader<'_> {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
                 Some(Some(url))
             }
-            Ok(_) => self.fail(name, "must be an http:// or https:// URL with a host".into()),
+            Ok(_) => self.fail(
+                name,
+                "must be an http:// or https:// URL with a host".into(),
+            ),
             Err(error) => self.fail(name, format!("is not a URL: {error}")),
         }
     }

@@ -65,15 +65,19 @@ pub type JobError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs every queue's workers until `stop` is cancelled; then they take no new job, and running
 /// jobs stop at their next checkpoint (or finish) before this returns.
-pub async fn run(db: PgPool, config: &Config, stop: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(db: PgPool, config: Config, stop: CancellationToken) -> anyhow::Result<()> {
     tracing::info!(
         concurrency = config.jobs.concurrency,
         queues = ?QUEUES,
         "job workers started"
     );
     let workers = [
-        Some(crate::imports::job::spawn_worker(db.clone(), config, stop.clone())?),
-        crate::webhook::spawn_worker(db, config, stop)?,
+        Some(crate::imports::job::spawn_worker(
+            db.clone(),
+            &config,
+            stop.clone(),
+        )?),
+        crate::webhook::spawn_worker(db, &config, stop)?,
     ];
     for worker in workers.into_iter().flatten() {
         worker.await??;

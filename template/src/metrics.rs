@@ -92,12 +92,18 @@ fn describe() {
     );
     use crate::jobs;
     describe_counter!(jobs::JOBS_STARTED, "Job attempts started, by queue.");
-    describe_counter!(jobs::JOBS_SUCCEEDED, "Job attempts that succeeded, by queue.");
+    describe_counter!(
+        jobs::JOBS_SUCCEEDED,
+        "Job attempts that succeeded, by queue."
+    );
     describe_counter!(
         jobs::JOBS_FAILED,
         "Job attempts that failed (and will be retried while attempts remain), by queue."
     );
-    describe_counter!(jobs::JOBS_RETRIED, "Job attempts that were retries, by queue.");
+    describe_counter!(
+        jobs::JOBS_RETRIED,
+        "Job attempts that were retries, by queue."
+    );
     describe_histogram!(
         jobs::JOB_DURATION,
         Unit::Seconds,
@@ -130,7 +136,12 @@ fn describe() {
     );
     // Exported from the start, so that alerts and dashboards see zeros rather than no data.
     for queue in jobs::QUEUES {
-        for counter in [jobs::JOBS_STARTED, jobs::JOBS_SUCCEEDED, jobs::JOBS_FAILED, jobs::JOBS_RETRIED] {
+        for counter in [
+            jobs::JOBS_STARTED,
+            jobs::JOBS_SUCCEEDED,
+            jobs::JOBS_FAILED,
+            jobs::JOBS_RETRIED,
+        ] {
             metrics::counter!(counter, "queue" => queue).absolute(0);
         }
     }
@@ -198,7 +209,12 @@ async fn render(State(Scrape { handle, db }): State<Scrape>) -> impl IntoRespons
         .set(f64::from(size.saturating_sub(idle)));
     metrics::gauge!(POOL_MAX_CONNECTIONS).set(f64::from(db.options().get_max_connections()));
     // Bounded: a scrape during a database outage must still answer, with the pool gauges.
-    match tokio::time::timeout(Duration::from_secs(1), crate::jobs::record_queue_gauges(&db)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(1),
+        crate::jobs::record_queue_gauges(&db),
+    )
+    .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "cannot read the job queues for metrics"),
         Err(_) => tracing::warn!("reading the job queues for metrics timed out"),

@@ -57,7 +57,9 @@ impl Position for Keyset {
     fn from_bytes(bytes: &[u8]) -> Option<Keyset> {
         let (micros, id) = bytes.split_at_checked(8)?;
         Some(Keyset {
-            created_at: DateTime::from_timestamp_micros(i64::from_be_bytes(micros.try_into().ok()?))?,
+            created_at: DateTime::from_timestamp_micros(i64::from_be_bytes(
+                micros.try_into().ok()?,
+            ))?,
             id: Uuid::from_slice(id).ok()?,
         })
     }
@@ -201,16 +203,18 @@ mod tests {
         };
         assert_eq!(
             cursors()
-                .request(&params, "user:a|status=")
+                .request::<Keyset>(&params, "user:a|status=")
                 .unwrap()
                 .after
                 .id,
             position_id(&params)
         );
-        let foreign = cursors().request(&params, "user:b|status=").unwrap_err();
+        let foreign = cursors()
+            .request::<Keyset>(&params, "user:b|status=")
+            .unwrap_err();
         assert_eq!(foreign.code(), ErrorCode::InvalidCursor);
         let other_filter = cursors()
-            .request(&params, "user:a|status=draft")
+            .request::<Keyset>(&params, "user:a|status=draft")
             .unwrap_err();
         assert_eq!(other_filter.code(), ErrorCode::InvalidCursor);
     }
@@ -238,7 +242,10 @@ mod tests {
                 cursor: Some(tampered),
             };
             assert_eq!(
-                cursors().request(&params, "b").unwrap_err().code(),
+                cursors()
+                    .request::<Keyset>(&params, "b")
+                    .unwrap_err()
+                    .code(),
                 ErrorCode::InvalidCursor
             );
         }
@@ -248,7 +255,7 @@ mod tests {
     fn the_limit_defaults_clamps_and_rejects_zero() {
         let limit = |limit| {
             cursors()
-                .request(
+                .request::<Keyset>(
                     &PageParams {
                         limit,
                         cursor: None,

@@ -104,12 +104,15 @@ impl Application {
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let workers = self.workers.map(|(db, config)| {
             let stop = stop_accepting.clone();
-            tokio::spawn(async move { crate::jobs::run(db, &config, stop).await })
+            tokio::spawn(crate::jobs::run(db, config, stop))
         });
         let drained = async {
             tokio::try_join!(api.into_future(), admin.into_future())?;
             if let Some(workers) = workers {
-                workers.await.map_err(std::io::Error::other)?.map_err(std::io::Error::other)?;
+                workers
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map_err(std::io::Error::other)?;
             }
             Ok::<_, std::io::Error>(())
         };

@@ -120,7 +120,9 @@ impl Webhook {
             && let Some(ip) = literal_ip(&self.url)
             && !is_public(ip)
         {
-            return Err(DeliveryError::Forbidden(format!("{ip} is not a public address")));
+            return Err(DeliveryError::Forbidden(format!(
+                "{ip} is not a public address"
+            )));
         }
         self.breaker.allow()?;
         let event = WireEvent {
@@ -144,7 +146,10 @@ impl Webhook {
 
 fn literal_ip(url: &Url) -> Option<IpAddr> {
     let host = url.host_str()?;
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// Whether `ip` is on the public internet: not loopback, private, link-local, shared (CGNAT),
@@ -227,7 +232,10 @@ impl CircuitBreaker {
     }
 
     fn allow(&self) -> Result<(), DeliveryError> {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match state.open_until {
             Some(until) if Instant::now() < until => {
                 metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
@@ -243,7 +251,10 @@ impl CircuitBreaker {
     }
 
     fn record(&self, success: bool) {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if success {
             metrics::counter!(DELIVERIES, "outcome" => "delivered").increment(1);
             *state = BreakerState::default();
@@ -275,7 +286,10 @@ pub fn spawn_worker(
         url,
         config.log.outbound_timeout,
         config.imports.webhook_allow_private,
-        CircuitBreaker::new(config.imports.breaker_failures, config.imports.breaker_cooldown),
+        CircuitBreaker::new(
+            config.imports.breaker_failures,
+            config.imports.breaker_cooldown,
+        ),
     )?);
     let worker = WorkerBuilder::new(jobs::worker_name(QUEUE))
         .backend(jobs::storage::<Notification>(&db, QUEUE, &config.jobs).with_pubsub())
@@ -306,8 +320,18 @@ mod tests {
     #[test]
     fn only_public_addresses_are_targets() {
         for private in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-            "0.0.0.0", "::1", "fd00::1", "fe80::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
@@ -320,9 +344,15 @@ mod tests {
     fn the_breaker_opens_after_the_threshold_and_lets_one_trial_through() {
         let breaker = CircuitBreaker::new(2, Duration::from_millis(50));
         breaker.record(false);
-        assert!(breaker.allow().is_ok(), "one failure is below the threshold");
+        assert!(
+            breaker.allow().is_ok(),
+            "one failure is below the threshold"
+        );
         breaker.record(false);
-        assert!(matches!(breaker.allow(), Err(DeliveryError::CircuitOpen(2))));
+        assert!(matches!(
+            breaker.allow(),
+            Err(DeliveryError::CircuitOpen(2))
+        ));
         std::thread::sleep(Duration::from_millis(60));
         assert!(breaker.allow().is_ok(), "the trial after the cooldown");
         assert!(breaker.allow().is_err(), "only one trial at a time");

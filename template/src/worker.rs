@@ -33,7 +33,7 @@ pub async fn run(db: PgPool, config: Config) -> anyhow::Result<()> {
     tracing::info!(admin_addr = %config.admin_addr, "worker started");
     let jobs = tokio::spawn({
         let (db, config, stop) = (db.clone(), config.clone(), stop.clone());
-        async move { jobs::run(db, &config, stop).await }
+        jobs::run(db, config, stop)
     });
     signal.await;
     tracing::info!("shutdown requested: finishing the work in progress");

@@ -11,12 +11,18 @@ use csv_core::{ReadRecordResult, Reader};
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// The columns, in this order; `note` may be left out.
-pub const HEADER: [&str; 5] = ["external_ref", "currency", "sku", "quantity", "unit_price_cents"];
+pub const HEADER: [&str; 5] = [
+    "external_ref",
+    "currency",
+    "sku",
+    "quantity",
+    "unit_price_cents",
+];
 pub const NOTE: &str = "note";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// `input` is used up; call again with the next chunk (an empty one at the end of the file).
+    /// `input` is used up; call again with the next chunk.
     NeedInput,
     /// A record is complete: read it with [`Records::fields`].
     Record,
@@ -52,8 +58,12 @@ impl Default for Records {
 
 impl Records {
     /// Parses from `input`, advancing it, until a record is complete or `input` is used up.
-    /// An empty `input` means the end of the file.
-    pub fn read(&mut self, input: &mut &[u8]) -> Result<Step, RecordTooLong> {
+    /// `at_end`: `input` is the last of the file (possibly empty).
+    pub fn read(&mut self, input: &mut &[u8], at_end: bool) -> Result<Step, RecordTooLong> {
+        // csv-core takes an empty input for the end of the file.
+        if input.is_empty() && !at_end {
+            return Ok(Step::NeedInput);
+        }
         if self.complete {
             self.output_len = 0;
             self.ends_len = 0;
@@ -65,14 +75,14 @@ impl Records {
                 &mut self.output[self.output_len..],
                 &mut self.ends[self.ends_len..],
             );
-            // Field ends are relative to the output slice of this call.
-            for end in &mut self.ends[self.ends_len..self.ends_len + ended] {
-                *end += self.output_len;
-            }
+            // Field ends count from the start of the record, across calls.
             *input = &input[read..];
             self.output_len += written;
             self.ends_len += ended;
             match result {
+                // The last input is used up: go round once more with it empty, which tells
+                // csv-core that the file has ended.
+                ReadRecordResult::InputEmpty if at_end => {}
                 ReadRecordResult::InputEmpty => return Ok(Step::NeedInput),
                 ReadRecordResult::OutputFull => {
                     if self.output.len() >= MAX_RECORD_BYTES {
@@ -136,10 +146,11 @@ mod tests {
     fn parse_in_chunks(data: &[u8], size: usize) -> Vec<Vec<String>> {
         let mut records = Records::default();
         let mut rows = Vec::new();
-        let mut chunks = data.chunks(size).chain(std::iter::once(&[][..]));
+        let mut chunks = data.chunks(size).peekable();
         let mut input: &[u8] = chunks.next().unwrap_or(&[]);
         loop {
-            match records.read(&mut input).unwrap() {
+            let at_end = chunks.peek().is_none();
+            match records.read(&mut input, at_end).unwrap() {
                 Step::NeedInput => input = chunks.next().expect("more input after the end"),
                 Step::Record => rows.push(
                     records
@@ -167,11 +178,23 @@ mod tests {
     #[test]
     fn the_header_must_name_the_columns_in_order() {
         let header = |line: &str| check_header(line.split(',').map(str::as_bytes));
-        assert_eq!(header("external_ref,currency,sku,quantity,unit_price_cents"), Some(false));
-        assert_eq!(header("\u{feff}external_ref,currency,sku,quantity,unit_price_cents,note"), Some(true));
-        assert_eq!(header("currency,external_ref,sku,quantity,unit_price_cents"), None);
+        assert_eq!(
+            header("external_ref,currency,sku,quantity,unit_price_cents"),
+            Some(false)
+        );
+        assert_eq!(
+            header("\u{feff}external_ref,currency,sku,quantity,unit_price_cents,note"),
+            Some(true)
+        );
+        assert_eq!(
+            header("currency,external_ref,sku,quantity,unit_price_cents"),
+            None
+        );
         assert_eq!(header("external_ref,currency,sku,quantity"), None);
-        assert_eq!(header("external_ref,currency,sku,quantity,unit_price_cents,extra"), None);
+        assert_eq!(
+            header("external_ref,currency,sku,quantity,unit_price_cents,extra"),
+            None
+        );
     }
 
     #[test]
@@ -179,6 +202,6 @@ mod tests {
         let mut records = Records::default();
         let long = vec![b'x'; MAX_RECORD_BYTES * 2];
         let mut input = &long[..];
-        assert!(records.read(&mut input).is_err());
+        assert!(records.read(&mut input, false).is_err());
     }
 }

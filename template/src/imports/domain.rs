@@ -70,100 +70,112 @@ pub struct ParsedRow {
 
 /// Parses one data row. `fields` are the raw bytes of its fields; `has_note` says whether the
 /// header has the `note` column.
-pub fn parse_row<'a>(row: i32, fields: impl Iterator<Item = &'a [u8]>, has_note: bool) -> ParsedRow {
+pub fn parse_row<'a>(
+    row: i32,
+    fields: impl Iterator<Item = &'a [u8]>,
+    has_note: bool,
+) -> ParsedRow {
     let fields: Vec<&[u8]> = fields.collect();
     let expected = if has_note { 6 } else { 5 };
-    let mut parsed = ParsedRow::default();
-    let mut error = |field: &'static str, code: Cow<'static, str>, message: Cow<'static, str>| {
-        parsed.errors.push(RowError { row, field, code, message });
+    let mut p = RowParser {
+        row,
+        errors: Vec::new(),
     };
     if fields.len() != expected {
-        error(
+        p.report(
             "row",
-            "field_count".into(),
-            format!("has {} fields; the header has {expected}", fields.len()).into(),
+            rule(
+                "field_count",
+                format!("has {} fields; the header has {expected}", fields.len()),
+            ),
         );
-        return parsed;
+        return ParsedRow {
+            staged: None,
+            errors: p.errors,
+        };
     }
-    let mut text = |index: usize, field: &'static str| match std::str::from_utf8(fields[index]) {
-        Ok(value) => Some(value.to_owned()),
-        Err(_) => {
-            error(field, "encoding".into(), "is not valid UTF-8".into());
-            None
-        }
+    let external_ref = p
+        .text("external_ref", fields[0])
+        .and_then(|raw| p.check("external_ref", ExternalRef::parse(raw)));
+    let currency = p
+        .text("currency", fields[1])
+        .and_then(|raw| p.check("currency", Currency::parse(raw)));
+    let sku = p
+        .text("sku", fields[2])
+        .and_then(|raw| p.check("sku", Sku::parse(raw)));
+    let quantity = p
+        .integer("quantity", fields[3])
+        .and_then(|n| p.check("quantity", Quantity::parse(n)));
+    let unit_price = p
+        .integer("unit_price_cents", fields[4])
+        .and_then(|n| p.check("unit_price_cents", UnitPrice::parse(n)));
+    let note = match fields.get(5) {
+        Some(raw) if !raw.is_empty() => p
+            .text("note", raw)
+            .and_then(|raw| p.check("note", Note::parse(raw))),
+        _ => None,
     };
-    let external_ref = text(0, "external_ref");
-    let currency = text(1, "currency");
-    let sku = text(2, "sku");
-    let quantity = text(3, "quantity");
-    let unit_price = text(4, "unit_price_cents");
-    let note = if has_note { text(5, "note") } else { None };
-    drop(text);
+    let valid = p.errors.is_empty();
+    ParsedRow {
+        staged: external_ref.map(|external_ref| StagedRow {
+            row,
+            external_ref: external_ref.get().clone(),
+            valid,
+            currency: currency.map(|c| c.get().clone()),
+            sku: sku.map(|s| s.get().clone()),
+            quantity: quantity.map(|q| *q.get()),
+            unit_price_cents: unit_price.map(|u| *u.get()),
+            note: note.map(|n| n.get().clone()),
+        }),
+        errors: p.errors,
+    }
+}
 
-    let mut errors = Vec::new();
-    let mut check = |field: &'static str, result: Result<(), ValidationError>| {
-        if let Err(invalid) = result {
-            errors.push((field, invalid));
-        }
-    };
-    let integer = |raw: &str| raw.trim().parse::<i64>().map_err(|_| {
-        let mut invalid = ValidationError::new("type");
-        invalid.message = Some("must be an integer".into());
-        invalid
-    });
-    let external_ref = external_ref.and_then(|raw| {
-        let parsed = ExternalRef::parse(raw.clone());
-        check("external_ref", parsed.as_ref().map(drop).map_err(Clone::clone));
-        parsed.ok().map(|_| raw)
-    });
-    let currency = currency.and_then(|raw| {
-        check("currency", Currency::parse(raw.clone()).map(drop));
-        Some(raw)
-    });
-    let sku = sku.and_then(|raw| {
-        check("sku", Sku::parse(raw.clone()).map(drop));
-        Some(raw)
-    });
-    let quantity = quantity.and_then(|raw| match integer(&raw) {
-        Ok(value) => {
-            check("quantity", Quantity::parse(value).map(drop));
-            Some(value)
-        }
-        Err(invalid) => {
-            check("quantity", Err(invalid));
-            None
-        }
-    });
-    let unit_price_cents = unit_price.and_then(|raw| match integer(&raw) {
-        Ok(value) => {
-            check("unit_price_cents", UnitPrice::parse(value).map(drop));
-            Some(value)
-        }
-        Err(invalid) => {
-            check("unit_price_cents", Err(invalid));
-            None
-        }
-    });
-    let note = note.filter(|note| !note.is_empty()).and_then(|raw| {
-        check("note", Note::parse(raw.clone()).map(drop));
-        Some(raw)
-    });
-    for (field, invalid) in errors {
-        let message = invalid.message.unwrap_or(Cow::Borrowed("is invalid"));
-        error(field, invalid.code, message);
+/// Collects the errors of one row; each step yields `None` for a field that failed.
+struct RowParser {
+    row: i32,
+    errors: Vec<RowError>,
+}
+
+impl RowParser {
+    fn report(&mut self, field: &'static str, error: ValidationError) {
+        self.errors.push(RowError {
+            row: self.row,
+            field,
+            code: error.code,
+            message: error.message.unwrap_or(Cow::Borrowed("is invalid")),
+        });
     }
-    let valid = parsed.errors.is_empty();
-    parsed.staged = external_ref.map(|external_ref| StagedRow {
-        row,
-        external_ref,
-        valid,
-        currency,
-        sku,
-        quantity,
-        unit_price_cents,
-        note,
-    });
-    parsed
+
+    fn text(&mut self, field: &'static str, raw: &[u8]) -> Option<String> {
+        match std::str::from_utf8(raw) {
+            Ok(text) => Some(text.to_owned()),
+            Err(_) => {
+                self.report(field, rule("encoding", "is not valid UTF-8".into()));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, field: &'static str, raw: &[u8]) -> Option<i64> {
+        let text = self.text(field, raw)?;
+        match text.trim().parse() {
+            Ok(number) => Some(number),
+            Err(_) => {
+                self.report(field, rule("type", "must be an integer".into()));
+                None
+            }
+        }
+    }
+
+    /// The domain newtype's own rule, the same the API applies.
+    fn check<T>(&mut self, field: &'static str, parsed: Result<T, ValidationError>) -> Option<T> {
+        parsed.map_err(|error| self.report(field, error)).ok()
+    }
+}
+
+fn rule(code: &'static str, message: String) -> ValidationError {
+    ValidationError::new(code).with_message(message.into())
 }
 
 impl StagedRow {
@@ -197,7 +209,12 @@ impl StagedRow {
         }
         let _ = write!(out, "{import_id}");
         text(out, Some(&self.external_ref));
-        let _ = write!(out, "\t{}\t{}", self.row, if self.valid { 't' } else { 'f' });
+        let _ = write!(
+            out,
+            "\t{}\t{}",
+            self.row,
+            if self.valid { 't' } else { 'f' }
+        );
         text(out, self.currency.as_deref());
         text(out, self.sku.as_deref());
         number(out, self.quantity);
@@ -228,10 +245,19 @@ mod tests {
     #[test]
     fn every_bad_field_is_reported_with_the_api_codes() {
         let parsed = parse("PO-1,eur,has space,0,abc", false);
-        let fields: Vec<_> = parsed.errors.iter().map(|e| (e.field, e.code.as_ref())).collect();
+        let fields: Vec<_> = parsed
+            .errors
+            .iter()
+            .map(|e| (e.field, e.code.as_ref()))
+            .collect();
         assert_eq!(
             fields,
-            [("currency", "currency"), ("sku", "sku"), ("quantity", "range"), ("unit_price_cents", "type")]
+            [
+                ("currency", "currency"),
+                ("sku", "sku"),
+                ("quantity", "range"),
+                ("unit_price_cents", "type")
+            ]
         );
         assert!(parsed.errors.iter().all(|e| e.row == 7));
         // Staged as invalid so that the whole order PO-1 is rejected.

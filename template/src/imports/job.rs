@@ -51,7 +51,11 @@ struct Context {
 }
 
 /// Starts the imports worker; it runs until `stop` is cancelled.
-pub fn spawn_worker(db: PgPool, config: &Config, stop: CancellationToken) -> anyhow::Result<jobs::Running> {
+pub fn spawn_worker(
+    db: PgPool,
+    config: &Config,
+    stop: CancellationToken,
+) -> anyhow::Result<jobs::Running> {
     let context = Context {
         db: db.clone(),
         stop: stop.clone(),
@@ -130,12 +134,12 @@ async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
     let mut records = Records::default();
     let (mut chunk, mut position, mut seq, mut at_end) = (Vec::new(), 0, 0, false);
     let mut has_note = None;
-    let mut row = 0_i32;
+    let (mut row, mut pending) = (0_i32, 0_usize);
     let mut staged: Vec<StagedRow> = Vec::with_capacity(STAGE_BATCH_ROWS);
     let mut errors: Vec<RowError> = Vec::new();
     loop {
         let mut input = &chunk[position..];
-        let step = records.read(&mut input)?;
+        let step = records.read(&mut input, at_end)?;
         position = chunk.len() - input.len();
         match step {
             Step::NeedInput => {
@@ -151,7 +155,9 @@ async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
             }
             Step::Record => {
                 let Some(has_note) = has_note else {
-                    has_note = Some(check_header(records.fields()).ok_or("the stored file has no header")?);
+                    has_note = Some(
+                        check_header(records.fields()).ok_or("the stored file has no header")?,
+                    );
                     continue;
                 };
                 row += 1;
@@ -161,14 +167,23 @@ async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
                 let parsed = parse_row(row, records.fields(), has_note);
                 staged.extend(parsed.staged);
                 errors.extend(parsed.errors);
-                if row - already >= 1 && (row - already) as usize % STAGE_BATCH_ROWS == 0 {
+                pending += 1;
+                if pending == STAGE_BATCH_ROWS {
                     commit_batch(context, import.id, &mut staged, &mut errors, row).await?;
+                    pending = 0;
                 }
             }
             Step::End => break,
         }
     }
-    commit_batch(context, import.id, &mut staged, &mut errors, row.max(already)).await
+    commit_batch(
+        context,
+        import.id,
+        &mut staged,
+        &mut errors,
+        row.max(already),
+    )
+    .await
 }
 
 async fn commit_batch(
@@ -193,9 +208,18 @@ async fn commit_batch(
 async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
     let db = &context.db;
     let mut after = import.grouped_through.clone();
-    while let Some(through) = store::next_range(db, import.id, after.as_deref(), GROUP_BATCH_ORDERS).await? {
+    while let Some(through) =
+        store::next_range(db, import.id, after.as_deref(), GROUP_BATCH_ORDERS).await?
+    {
         let mut tx = db.begin().await?;
-        store::group_range(&mut tx, import.id, import.owner_id, after.as_deref(), &through).await?;
+        store::group_range(
+            &mut tx,
+            import.id,
+            import.owner_id,
+            after.as_deref(),
+            &through,
+        )
+        .await?;
         tx.commit().await?;
         after = Some(through);
         if context.stop.is_cancelled() {

@@ -190,7 +190,15 @@ pub async fn create_import(
         .get(REQUEST_ID_HEADER)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
-    let upload = match upload::receive(&state.db, id, body, state.imports.max_rows).await {
+    let upload = match upload::receive(
+        &state.db,
+        id,
+        body,
+        state.imports.max_bytes,
+        state.imports.max_rows,
+    )
+    .await
+    {
         Ok(upload) => upload,
         Err(problem) => {
             discard_upload(&state, id).await;
@@ -201,7 +209,9 @@ pub async fn create_import(
     let response = idempotency
         .run(&state.db, &principal, &upload.digest, async |conn| {
             store::lock_owner(conn, principal.user_id).await?;
-            if store::count_active(conn, principal.user_id).await? >= state.imports.max_active_per_user {
+            if store::count_active(conn, principal.user_id).await?
+                >= state.imports.max_active_per_user
+            {
                 return Err(Problem::new(
                     ErrorCode::TooManyImports,
                     format!(
@@ -264,7 +274,13 @@ pub async fn list_imports(
     let binding = format!("imports|{}", principal.user_id);
     let request = state.cursors.request::<Keyset>(&page, &binding)?;
     let mut conn = state.db.acquire().await?;
-    let rows = store::list(&mut conn, principal.user_id, request.after, request.limit + 1).await?;
+    let rows = store::list(
+        &mut conn,
+        principal.user_id,
+        request.after,
+        request.limit + 1,
+    )
+    .await?;
     let (imports, last) = split_page(rows, request.limit, |import| Keyset {
         created_at: import.created_at,
         id: import.id,
@@ -344,7 +360,12 @@ pub async fn list_import_errors(
             message: error.message,
         })
         .collect();
-    page_response(data, next, &format!("/v1/imports/{id}/errors"), request.limit)
+    page_response(
+        data,
+        next,
+        &format!("/v1/imports/{id}/errors"),
+        request.limit,
+    )
 }
 
 fn page_response<T: Serialize>(

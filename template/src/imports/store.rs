@@ -273,8 +273,14 @@ pub async fn stage_batch(
     if !errors.is_empty() {
         insert_errors(conn, import_id, errors).await?;
     }
-    let failed = i32::try_from(errors.iter().map(|e| e.row).collect::<std::collections::BTreeSet<_>>().len())
-        .unwrap_or(i32::MAX);
+    let failed = i32::try_from(
+        errors
+            .iter()
+            .map(|e| e.row)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+    )
+    .unwrap_or(i32::MAX);
     sqlx::query!(
         "UPDATE imports SET processed_rows = $2, failed_rows = failed_rows + $3 WHERE id = $1",
         import_id,
@@ -286,7 +292,11 @@ pub async fn stage_batch(
     Ok(())
 }
 
-async fn insert_errors(conn: &mut PgConnection, import_id: Uuid, errors: &[RowError]) -> sqlx::Result<()> {
+async fn insert_errors(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+    errors: &[RowError],
+) -> sqlx::Result<()> {
     let rows: Vec<i32> = errors.iter().map(|e| e.row).collect();
     let fields: Vec<&str> = errors.iter().map(|e| e.field).collect();
     let codes: Vec<&str> = errors.iter().map(|e| e.code.as_ref()).collect();

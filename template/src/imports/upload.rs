@@ -25,12 +25,13 @@ pub struct Upload {
 }
 
 /// Streams `body` into storage under `import_id`. Refuses a wrong header (422), more than
-/// `max_rows` rows or a body over the size limit (413), and a row that is not CSV (400). On an
-/// error the chunks already written stay behind; the caller removes them.
+/// `max_rows` rows or `max_bytes` bytes (413), and a row that is not CSV (400). On an error the
+/// chunks already written stay behind; the caller removes them.
 pub async fn receive(
     db: &PgPool,
     import_id: Uuid,
     body: Body,
+    max_bytes: usize,
     max_rows: u32,
 ) -> Result<Upload, Problem> {
     let mut stream = body.into_data_stream();
@@ -44,9 +45,12 @@ pub async fn receive(
         let bytes = frame.unwrap_or_default();
         sha.update(&bytes);
         size += i64::try_from(bytes.len()).unwrap_or(i64::MAX);
+        if size > i64::try_from(max_bytes).unwrap_or(i64::MAX) {
+            return Err(too_large());
+        }
         let mut input = &bytes[..];
         loop {
-            match records.read(&mut input).map_err(not_csv)? {
+            match records.read(&mut input, at_end).map_err(not_csv)? {
                 Step::NeedInput | Step::End => break,
                 Step::Record if !header_seen => {
                     check_header(records.fields()).ok_or_else(wrong_header)?;
@@ -85,6 +89,13 @@ pub async fn receive(
     })
 }
 
+fn too_large() -> Problem {
+    Problem::new(
+        ErrorCode::PayloadTooLarge,
+        "The file is larger than the service accepts.",
+    )
+}
+
 fn wrong_header() -> Problem {
     Problem::new(
         ErrorCode::InvalidCsvHeader,
@@ -93,7 +104,10 @@ fn wrong_header() -> Problem {
 }
 
 fn not_csv(error: super::csv::RecordTooLong) -> Problem {
-    Problem::new(ErrorCode::MalformedBody, format!("The body is not CSV: {error}."))
+    Problem::new(
+        ErrorCode::MalformedBody,
+        format!("The body is not CSV: {error}."),
+    )
 }
 
 /// Reading the body fails when the client goes away or sends more than the limit.
@@ -104,7 +118,7 @@ fn read_error(error: axum::Error) -> Problem {
     )
     .any(|cause| cause.is::<http_body_util::LengthLimitError>());
     if too_large {
-        Problem::new(ErrorCode::PayloadTooLarge, "The file is larger than the service accepts.")
+        self::too_large()
     } else {
         Problem::new(ErrorCode::MalformedBody, "The upload was interrupted.")
     }

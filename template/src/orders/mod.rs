@@ -277,6 +277,22 @@ async fn transition(
     order_outcome(StatusCode::OK, order)
 }
 
+/// Orders are keyed by (owner, external_ref) (imports rely on it): the unique index answers a
+/// reference that another of the owner's orders already has.
+fn external_ref_conflict(error: sqlx::Error) -> Problem {
+    match &error {
+        sqlx::Error::Database(database)
+            if database.constraint() == Some(store::EXTERNAL_REF_INDEX) =>
+        {
+            Problem::new(
+                ErrorCode::ExternalRefTaken,
+                "Another of your orders already has this external_ref.",
+            )
+        }
+        _ => error.into(),
+    }
+}
+
 const IDEMPOTENCY_DOC: &str = "Repeating a request with the same `Idempotency-Key` within the retention period \
     (24 h by default) returns the first response again with `Idempotent-Replayed: true`; the same key with a different request is 422 \
     `idempotency_key_reused`; while the first is running, 409 `idempotency_key_in_use`.";
@@ -298,7 +314,7 @@ const IDEMPOTENCY_DOC: &str = "Repeating a request with the same `Idempotency-Ke
         (status = CREATED, description = "Created.", body = OrderView,
             headers(("Location" = String, description = "The new order's URL."), ("ETag" = String, description = "The order's version."))),
         (status = BAD_REQUEST, description = "`idempotency_key_required` or `idempotency_key_invalid`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
-        (status = CONFLICT, description = "`idempotency_key_in_use`, with `Retry-After`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
+        (status = CONFLICT, description = "`external_ref_taken`, or `idempotency_key_in_use` with `Retry-After`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
         (status = UNPROCESSABLE_ENTITY, description = "`validation_failed` (every failing field) or `idempotency_key_reused`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
     ),
 )]
@@ -312,7 +328,9 @@ pub async fn create_order(
     let new_order = body.value.into_domain()?;
     idempotency
         .run(&state.db, &principal, &body.digest, async |conn| {
-            let order = store::insert(conn, principal.user_id, &new_order).await?;
+            let order = store::insert(conn, principal.user_id, &new_order)
+                .await
+                .map_err(external_ref_conflict)?;
             order_outcome(StatusCode::CREATED, order)
         })
         .await
@@ -417,7 +435,7 @@ pub async fn get_order(
     ),
     responses(
         (status = OK, description = "Updated.", body = OrderView, headers(("ETag" = String, description = "The new version."))),
-        (status = CONFLICT, description = "`invalid_state_transition`: only drafts can be edited; or `idempotency_key_in_use`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
+        (status = CONFLICT, description = "`invalid_state_transition`: only drafts can be edited; `external_ref_taken`; or `idempotency_key_in_use`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
         (status = PRECONDITION_FAILED, description = "`precondition_failed`: the order changed since you read it.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
         (status = PRECONDITION_REQUIRED, description = "`precondition_required`: `If-Match` is missing.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
     ),
@@ -454,7 +472,9 @@ pub async fn update_order(
             let external_ref = change
                 .external_ref
                 .unwrap_or_else(|| order.external_ref.clone());
-            let order = store::update_details(conn, order, note, external_ref).await?;
+            let order = store::update_details(conn, order, note, external_ref)
+                .await
+                .map_err(external_ref_conflict)?;
             order_outcome(StatusCode::OK, order)
         })
         .await

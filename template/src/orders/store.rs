@@ -9,6 +9,9 @@ use uuid::Uuid;
 use super::domain::{NewOrder, OrderStatus};
 use crate::pagination::Keyset;
 
+/// The unique index on (owner_id, external_ref).
+pub const EXTERNAL_REF_INDEX: &str = "orders_owner_external_ref";
+
 #[derive(Debug, Clone)]
 pub struct Order {
     pub id: Uuid,

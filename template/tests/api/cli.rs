@@ -116,7 +116,7 @@ async fn create_user_reads_the_password_from_stdin_and_stores_only_an_argon2id_h
 }
 
 /// Reads JSON log lines until one satisfies `wanted`, within `limit`.
-async fn next_log_line(
+pub(crate) async fn next_log_line(
     lines: &mut tokio::io::Lines<BufReader<ChildStdout>>,
     wanted: impl Fn(&Value) -> bool,
 ) -> Value {
@@ -139,7 +139,7 @@ async fn next_log_line(
     .expect("the log line appears in time")
 }
 
-fn terminate(child: &Child) {
+pub(crate) fn terminate(child: &Child) {
     let pid = child.id().expect("running").to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -253,10 +253,15 @@ async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: P
 
 #[sqlx::test]
 async fn the_worker_starts_and_stops_cleanly_on_sigterm(db: PgPool) {
+    let db = crate::harness::with_job_queue(db).await;
     let url = url_of(&db);
     let mut child = command(
         &["worker"],
-        &[("DATABASE_URL", &url), ("SECRET_KEY", TEST_SECRET_KEY)],
+        &[
+            ("DATABASE_URL", &url),
+            ("SECRET_KEY", TEST_SECRET_KEY),
+            ("ADMIN_ADDR", "127.0.0.1:0"),
+        ],
     )
     .stdout(Stdio::piped())
     .spawn()

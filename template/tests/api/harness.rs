@@ -41,6 +41,15 @@ pub fn test_config(overrides: &[(&str, &str)]) -> Config {
     Config::from_map(&vars).expect("test configuration is valid")
 }
 
+/// Creates the job queue's tables in a test database: `#[sqlx::test]` applies the service's own
+/// migrations, and the queue's are apalis's (the `migrate` subcommand runs both).
+pub async fn with_job_queue(db: PgPool) -> PgPool {
+    service::jobs::migrate(&db)
+        .await
+        .expect("the job queue's tables are created");
+    db
+}
+
 /// The server `#[sqlx::test]` creates its databases on.
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")

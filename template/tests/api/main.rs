@@ -9,6 +9,7 @@ mod cli;
 mod errors;
 mod health;
 mod idempotency;
+mod imports;
 mod observability;
 mod openapi;
 mod orders;

@@ -357,6 +357,20 @@ async fn etags_drive_304_412_and_428(db: PgPool) {
         (Value::Null, json!("PO-9"))
     );
 
+    // Another order of the same owner cannot take the same external_ref.
+    let other = app
+        .call(Method::POST, "/v1/orders", &token)
+        .header("idempotency-key", "second-order")
+        .json(&json!({"currency": "EUR", "items": [{"sku": "A", "quantity": 1, "unit_price_cents": 1}], "external_ref": "PO-9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        other.json::<Value>().await.unwrap()["code"],
+        "external_ref_taken"
+    );
+
     // Transitions honour If-Match when sent.
     let stale_submit = app
         .call(Method::POST, &format!("{path}/submit"), &token)

@@ -1,0 +1,636 @@
+//! CSV imports (J1–J3, R4): the request path, the worker, crash safety with a real worker process
+//! killed by SIGKILL, and webhook notifications to a real local receiver.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use reqwest::Method;
+use serde_json::Value;
+use service::users::Role;
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::cli::{next_log_line, terminate};
+use crate::harness::{
+    TEST_SECRET_KEY, TestApp, command, serve, test_config, url_of, with_job_queue,
+};
+
+const HEADER: &str = "external_ref,currency,sku,quantity,unit_price_cents,note\n";
+
+/// `orders` orders of `lines` rows each, all valid.
+fn csv(orders: usize, lines: usize) -> String {
+    let mut csv = String::from(HEADER);
+    for order in 0..orders {
+        for line in 0..lines {
+            csv.push_str(&format!(
+                "PO-{order:07},EUR,SKU-{line},{},{},\n",
+                line + 1,
+                100 + order % 50
+            ));
+        }
+    }
+    csv
+}
+
+async fn upload(
+    app: &TestApp,
+    token: &str,
+    body: impl Into<reqwest::Body>,
+    key: &str,
+) -> reqwest::Response {
+    app.call(Method::POST, "/v1/imports", token)
+        .header("content-type", "text/csv")
+        .header("idempotency-key", key)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn import_of(app: &TestApp, token: &str, id: &str) -> Value {
+    app.call(Method::GET, &format!("/v1/imports/{id}"), token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Polls the import until it is finished.
+async fn finished(app: &TestApp, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let response = app
+            .call(Method::GET, &format!("/v1/imports/{id}"), token)
+            .send()
+            .await
+            .unwrap();
+        let polling = response.headers().contains_key("retry-after");
+        let import: Value = response.json().await.unwrap();
+        let status = import["status"].as_str().unwrap().to_owned();
+        if !matches!(status.as_str(), "queued" | "running") {
+            assert!(!polling, "no Retry-After once finished");
+            return import;
+        }
+        assert!(polling, "Retry-After while {status}");
+        assert!(
+            Instant::now() < deadline,
+            "the import finishes in time: {import}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An order as (external_ref, total, [(sku, quantity, unit price)]).
+type OrderLines = (String, i64, Vec<(String, i64, i64)>);
+
+/// Every order of `owner`, for comparing two imports.
+async fn orders_of(db: &PgPool, owner: uuid::Uuid) -> Vec<OrderLines> {
+    let rows = sqlx::query_as::<_, (String, i64, String, i64, i64)>(
+        "SELECT o.external_ref, o.total_cents, i.sku, i.quantity, i.unit_price_cents
+         FROM orders o JOIN order_items i ON i.order_id = o.id
+         WHERE o.owner_id = $1 ORDER BY o.external_ref, i.position",
+    )
+    .bind(owner)
+    .fetch_all(db)
+    .await
+    .unwrap();
+    let mut orders: Vec<OrderLines> = Vec::new();
+    for (external_ref, total, sku, quantity, price) in rows {
+        match orders.last_mut() {
+            Some(last) if last.0 == external_ref => last.2.push((sku, quantity, price)),
+            _ => orders.push((external_ref, total, vec![(sku, quantity, price)])),
+        }
+    }
+    orders
+}
+
+fn with_workers(extra: &[(&str, &str)]) -> service::config::Config {
+    let mut vars = vec![("SERVE_RUNS_WORKERS", "true"), ("JOB_RETRY_BASE_MS", "50")];
+    vars.extend_from_slice(extra);
+    test_config(&vars)
+}
+
+#[sqlx::test]
+async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgPool) {
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, with_workers(&[])).await;
+    let (user, token) = app.token_for(Role::Customer).await;
+    // Two valid orders; PO-3 has a bad quantity on its second row, PO-4 mixes currencies.
+    let body = format!(
+        "{HEADER}PO-1,EUR,BOOK-1,2,1250,gift wrap\nPO-2,EUR,PEN-7,10,199,\nPO-1,EUR,PEN-7,1,199,\n\
+         PO-3,EUR,A,1,100,\nPO-3,EUR,B,0,100,\nPO-4,EUR,A,1,100,\nPO-4,USD,B,1,100,\n"
+    );
+    let response = upload(&app, &token, body, "import-1").await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(
+        location,
+        format!("/v1/imports/{}", accepted["id"].as_str().unwrap())
+    );
+    assert_eq!(accepted["status"], "queued");
+    assert_eq!(accepted["total_rows"], 7);
+
+    let id = accepted["id"].as_str().unwrap();
+    let done = finished(&app, &token, id).await;
+    assert_eq!(done["status"], "completed_with_errors", "{done}");
+    assert_eq!(done["processed_rows"], 7);
+    assert_eq!(done["imported_orders"], 2);
+    assert_eq!(done["rejected_orders"], 2);
+    assert_eq!(
+        done["failed_rows"], 2,
+        "the bad rows, not their valid siblings"
+    );
+    assert!(done["started_at"].is_string() && done["finished_at"].is_string());
+
+    let errors: Value = app
+        .call(Method::GET, &format!("/v1/imports/{id}/errors"), &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let errors: Vec<(i64, &str, &str)> = errors["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["row"].as_i64().unwrap(),
+                e["field"].as_str().unwrap(),
+                e["code"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            (5, "quantity", "range"),
+            (7, "currency", "currency_mismatch")
+        ]
+    );
+
+    let orders = orders_of(&db, user.id).await;
+    assert_eq!(
+        orders,
+        [
+            (
+                "PO-1".into(),
+                2699,
+                vec![("BOOK-1".into(), 2, 1250), ("PEN-7".into(), 1, 199)]
+            ),
+            ("PO-2".into(), 1990, vec![("PEN-7".into(), 10, 199)]),
+        ]
+    );
+    let note: Option<String> =
+        sqlx::query_scalar("SELECT note FROM orders WHERE external_ref = 'PO-1'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(note.as_deref(), Some("gift wrap"));
+
+    // The same rows again, under a new key: a new import, and no new orders.
+    let again = upload(
+        &app,
+        &token,
+        csv(0, 0) + "PO-1,EUR,BOOK-1,2,1250,gift wrap\nPO-1,EUR,PEN-7,1,199,\n",
+        "import-2",
+    )
+    .await;
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    let again: Value = again.json().await.unwrap();
+    let again = finished(&app, &token, again["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (again["status"].as_str(), again["imported_orders"].as_i64()),
+        (Some("succeeded"), Some(1))
+    );
+    assert_eq!(orders_of(&db, user.id).await, orders, "no duplicates");
+
+    // Staged rows and the stored file are gone once the imports are finished.
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM import_rows) + (SELECT count(*) FROM import_files)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(leftovers, 0);
+
+    let metrics = app.metrics().await;
+    for expected in [
+        "jobs_succeeded_total{queue=\"imports\"} 2",
+        "import_orders_total{outcome=\"rejected\"} ",
+        "job_queue_depth{queue=\"imports\"} 0",
+    ] {
+        assert!(metrics.contains(expected), "{expected} in\n{metrics}");
+    }
+    app.stopped().await.unwrap();
+}
+
+#[sqlx::test]
+async fn bad_uploads_are_refused_in_the_request(db: PgPool) {
+    let config = test_config(&[("IMPORT_MAX_BYTES", "4096"), ("IMPORT_MAX_ROWS", "50")]);
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+
+    let problem = |response: reqwest::Response| async move {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        (status, body["code"].as_str().unwrap_or_default().to_owned())
+    };
+    let wrong_header = upload(
+        &app,
+        &token,
+        "currency,external_ref,sku,quantity,unit_price_cents\n",
+        "k1",
+    )
+    .await;
+    assert_eq!(
+        problem(wrong_header).await,
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_csv_header".into()
+        )
+    );
+    let empty = upload(&app, &token, "", "k2").await;
+    assert_eq!(
+        problem(empty).await,
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_csv_header".into()
+        )
+    );
+    let too_many_rows = upload(&app, &token, csv(51, 1), "k3").await;
+    assert_eq!(
+        problem(too_many_rows).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into())
+    );
+    let too_big = upload(&app, &token, format!("{HEADER}{}", "x".repeat(5000)), "k4").await;
+    assert_eq!(
+        problem(too_big).await,
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large".into())
+    );
+    // Streamed without a length, the cap still holds.
+    let chunks = futures::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![b'a'; 1000])));
+    let streamed = upload(&app, &token, reqwest::Body::wrap_stream(chunks), "k5").await;
+    assert_eq!(problem(streamed).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    let json = app
+        .call(Method::POST, "/v1/imports", &token)
+        .header("idempotency-key", "k6")
+        .json(&serde_json::json!({"csv": "no"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        problem(json).await,
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type".into()
+        )
+    );
+    let no_key = app
+        .call(Method::POST, "/v1/imports", &token)
+        .header("content-type", "text/csv")
+        .body(csv(1, 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        problem(no_key).await,
+        (StatusCode::BAD_REQUEST, "idempotency_key_required".into())
+    );
+
+    let nothing: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM imports) + (SELECT count(*) FROM import_files)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(nothing, 0, "a refused upload leaves nothing behind");
+}
+
+#[sqlx::test]
+async fn a_retried_upload_replays_and_the_cap_on_active_imports_holds(db: PgPool) {
+    // No workers: imports stay queued.
+    let app = TestApp::spawn_with(
+        with_job_queue(db.clone()).await,
+        test_config(&[("IMPORT_MAX_ACTIVE_PER_USER", "2")]),
+    )
+    .await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let first = upload(&app, &token, csv(2, 2), "same").await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
+    let replay = upload(&app, &token, csv(2, 2), "same").await;
+    assert_eq!(replay.status(), StatusCode::ACCEPTED);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], first["id"]);
+    let reused = upload(&app, &token, csv(3, 2), "same").await;
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    assert_eq!(
+        upload(&app, &token, csv(1, 1), "second").await.status(),
+        StatusCode::ACCEPTED
+    );
+    let third = upload(&app, &token, csv(1, 1), "third").await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(third.headers().contains_key("retry-after"));
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_imports");
+
+    let (imports, files): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM imports), (SELECT count(DISTINCT import_id) FROM import_files)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (imports, files),
+        (2, 2),
+        "replays and refusals keep no second copy of the file"
+    );
+
+    // Another customer sees neither the imports nor their errors.
+    let (_, other) = app.token_for(Role::Customer).await;
+    let id = first["id"].as_str().unwrap();
+    for path in [
+        format!("/v1/imports/{id}"),
+        format!("/v1/imports/{id}/errors"),
+    ] {
+        let response = app.call(Method::GET, &path, &other).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    let list: Value = app
+        .call(Method::GET, "/v1/imports", &other)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    let mine: Value = app
+        .call(Method::GET, "/v1/imports?limit=1", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mine["data"].as_array().unwrap().len(), 1);
+    assert!(mine["next_cursor"].is_string());
+}
+
+#[sqlx::test]
+async fn row_errors_are_served_in_pages(db: PgPool) {
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, with_workers(&[])).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let mut body = String::from(HEADER);
+    for row in 0..25 {
+        body.push_str(&format!(
+            "PO-{row},EUR,A,{},100,\n",
+            if row % 2 == 0 { "0" } else { "1" }
+        ));
+    }
+    let accepted: Value = upload(&app, &token, body, "errors")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    let done = finished(&app, &token, id).await;
+    assert_eq!(
+        (
+            done["failed_rows"].as_i64(),
+            done["imported_orders"].as_i64()
+        ),
+        (Some(13), Some(12))
+    );
+
+    let mut rows = Vec::new();
+    let mut path = format!("/v1/imports/{id}/errors?limit=5");
+    loop {
+        let page: Value = app
+            .call(Method::GET, &path, &token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        rows.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["row"].as_i64().unwrap()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/imports/{id}/errors?limit=5&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        rows,
+        (0..25).step_by(2).map(|row| row + 1).collect::<Vec<i64>>()
+    );
+    app.stopped().await.unwrap();
+}
+
+/// A real `worker` process against the test's database, with fast heartbeats so that the jobs of
+/// a killed worker are taken over within seconds.
+async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::process::Child {
+    let url = url_of(db);
+    let mut vars = vec![
+        ("DATABASE_URL", url.as_str()),
+        ("SECRET_KEY", TEST_SECRET_KEY),
+        ("ADMIN_ADDR", "127.0.0.1:0"),
+        ("JOB_HEARTBEAT_SECS", "1"),
+        ("JOB_MISSED_HEARTBEATS", "2"),
+        ("RUST_LOG", "info"),
+    ];
+    vars.extend_from_slice(extra);
+    let mut child = command(&["worker"], &vars)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut logs = BufReader::new(child.stdout.take().unwrap()).lines();
+    next_log_line(&mut logs, |line| line["message"] == "job workers started").await;
+    // Keep draining the logs so the worker never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
+    child
+}
+
+/// Polls until `ready` holds for the import, or it finishes.
+async fn wait_for(app: &TestApp, token: &str, id: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let import = import_of(app, token, id).await;
+        if ready(&import) || !matches!(import["status"].as_str(), Some("queued" | "running")) {
+            return import;
+        }
+        assert!(Instant::now() < deadline, "timed out: {import}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[sqlx::test]
+async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
+    let app = TestApp::spawn(with_job_queue(db.clone()).await).await;
+    let file = csv(20_000, 5);
+    let total = 100_000;
+
+    // The reference: the same file, imported by an uninterrupted worker.
+    let (reference_user, reference_token) = app.token_for(Role::Customer).await;
+    let (user, token) = app.token_for(Role::Customer).await;
+    let mut worker = start_worker(&db, &[]).await;
+    let accepted: Value = upload(&app, &reference_token, file.clone(), "ref")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let reference = finished(&app, &reference_token, accepted["id"].as_str().unwrap()).await;
+    assert_eq!(reference["status"], "succeeded", "{reference}");
+
+    // Kill -9 while rows are being staged, then again while orders are being created.
+    let accepted: Value = upload(&app, &token, file, "killed")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    let staging = wait_for(&app, &token, id, |i| {
+        i["processed_rows"].as_i64().is_some_and(|n| n > 0)
+    })
+    .await;
+    worker.kill().await.unwrap();
+    assert!(
+        staging["processed_rows"].as_i64().unwrap() < total,
+        "killed mid-staging: {staging}"
+    );
+
+    let mut worker = start_worker(&db, &[]).await;
+    let grouping = wait_for(&app, &token, id, |i| {
+        i["imported_orders"].as_i64().is_some_and(|n| n > 0)
+    })
+    .await;
+    worker.kill().await.unwrap();
+    assert_eq!(
+        grouping["status"], "running",
+        "killed mid-grouping: {grouping}"
+    );
+
+    let worker = start_worker(&db, &[]).await;
+    let done = finished(&app, &token, id).await;
+    for counter in [
+        "status",
+        "total_rows",
+        "processed_rows",
+        "imported_orders",
+        "rejected_orders",
+        "failed_rows",
+    ] {
+        assert_eq!(
+            done[counter], reference[counter],
+            "{counter}: {done} vs {reference}"
+        );
+    }
+    assert_eq!(
+        orders_of(&db, user.id).await,
+        orders_of(&db, reference_user.id).await
+    );
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT max(attempts) FROM apalis.jobs WHERE job_type = 'imports'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(attempts >= 3, "the job ran three times: {attempts}");
+    terminate(&worker);
+}
+
+/// A partner endpoint that fails twice, then hangs past the timeout once, then answers 200.
+#[sqlx::test]
+async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let received = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let receiver = Router::new().route(
+        "/hook",
+        post({
+            let (calls, received) = (calls.clone(), received.clone());
+            move |body: axum::Json<Value>| async move {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 | 1 => StatusCode::INTERNAL_SERVER_ERROR,
+                    2 => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        StatusCode::OK
+                    }
+                    _ => {
+                        received.lock().unwrap().push(body.0);
+                        StatusCode::NO_CONTENT
+                    }
+                }
+            }
+        }),
+    );
+    let base = serve(receiver).await;
+    let url = format!("{base}/hook");
+    let config = with_workers(&[
+        ("IMPORT_WEBHOOK_URL", &url),
+        ("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true"),
+        ("OUTBOUND_HTTP_TIMEOUT_MS", "300"),
+        ("WEBHOOK_BREAKER_FAILURES", "3"),
+        ("WEBHOOK_BREAKER_COOLDOWN_SECS", "1"),
+        ("JOB_MAX_ATTEMPTS", "12"),
+    ]);
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let accepted: Value = upload(&app, &token, csv(2, 1), "notify")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    finished(&app, &token, id).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "delivered after {} calls",
+            calls.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let event = received.lock().unwrap()[0].clone();
+    assert_eq!(event["type"], "import.finished");
+    assert_eq!(event["id"], format!("import-{id}"));
+    assert_eq!(event["data"]["status"], "succeeded");
+    assert_eq!(event["data"]["imported_orders"], 2);
+
+    let metrics = app.metrics().await;
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|line| {
+                line.starts_with(&format!(
+                    "webhook_deliveries_total{{outcome=\"{outcome}\"}}"
+                ))
+            })
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("failed") >= 3.0, "two 500s and a timeout\n{metrics}");
+    assert!(
+        count("short_circuited") >= 1.0,
+        "the open circuit refused calls\n{metrics}"
+    );
+    assert_eq!(count("delivered"), 1.0);
+    app.stopped().await.unwrap();
+}
