@@ -25,6 +25,17 @@ sed 's/^name = "acme-orders"$/name = "{{project-name}}"/' Cargo.lock > "$root/te
 eval "$(PGPORT=$pg_port bash scripts/local-postgres.sh start)"
 export DATABASE_URL
 sqlx migrate run
+# The job queue's tables, from apalis's own migration files: the service's queries on
+# apalis.jobs are checked against them (the service's `migrate` subcommand creates them too, but
+# it cannot be built before its query data exists).
+apalis_dir=$(cargo metadata --format-version 1 --locked | python3 -c \
+  'import json, sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "apalis-postgres").rsplit("/", 1)[0])')
+psql=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
+psql=${psql:-psql}
+"$psql" -q "$DATABASE_URL" -c 'CREATE SCHEMA IF NOT EXISTS apalis'
+for migration in "$apalis_dir"/migrations/*.sql; do
+  "$psql" -q -v ON_ERROR_STOP=1 "$DATABASE_URL" -f "$migration" >/dev/null
+done
 rm -rf .sqlx
 mkdir .sqlx
 # With DATABASE_URL and SQLX_OFFLINE_DIR set, sqlx's macros describe each query against the

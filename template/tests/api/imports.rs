@@ -24,8 +24,13 @@ const HEADER: &str = "external_ref,currency,sku,quantity,unit_price_cents,note\n
 
 /// `orders` orders of `lines` rows each, all valid.
 fn csv(orders: usize, lines: usize) -> String {
+    csv_from(0, orders, lines)
+}
+
+/// Like [`csv`], numbering the orders from `first`.
+fn csv_from(first: usize, orders: usize, lines: usize) -> String {
     let mut csv = String::from(HEADER);
-    for order in 0..orders {
+    for order in first..first + orders {
         for line in 0..lines {
             csv.push_str(&format!(
                 "PO-{order:07},EUR,SKU-{line},{},{},\n",
@@ -147,7 +152,15 @@ async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgP
         done["failed_rows"], 2,
         "the bad rows, not their valid siblings"
     );
-    assert!(done["started_at"].is_string() && done["finished_at"].is_string());
+    // Workers wake on NOTIFY rather than apalis's default 30 s poll: the job starts at once (the
+    // bound is loose on purpose; it only tells a notification from a poll).
+    let started =
+        |field: &str| chrono::DateTime::parse_from_rfc3339(done[field].as_str().unwrap()).unwrap();
+    assert!(
+        started("started_at") - started("created_at") < chrono::TimeDelta::seconds(10),
+        "{done}"
+    );
+    assert!(done["finished_at"].is_string());
 
     let errors: Value = app
         .call(Method::GET, &format!("/v1/imports/{id}/errors"), &token)
@@ -633,4 +646,95 @@ async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
     );
     assert_eq!(count("delivered"), 1.0);
     app.stopped().await.unwrap();
+}
+
+#[sqlx::test]
+async fn several_workers_share_one_queue_and_run_each_job_once(db: PgPool) {
+    let config = test_config(&[("IMPORT_MAX_ACTIVE_PER_USER", "50")]);
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, config).await;
+    let workers = [
+        start_worker(&db, &[("WORKER_CONCURRENCY", "2")]).await,
+        start_worker(&db, &[("WORKER_CONCURRENCY", "2")]).await,
+        start_worker(&db, &[("WORKER_CONCURRENCY", "2")]).await,
+    ];
+    let (user, token) = app.token_for(Role::Customer).await;
+    let mut ids = Vec::new();
+    for batch in 0..9 {
+        let body = csv_from(batch * 100, 100, 3);
+        let accepted: Value = upload(&app, &token, body, &format!("batch-{batch}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        ids.push(accepted["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        let done = finished(&app, &token, id).await;
+        assert_eq!(
+            (done["status"].as_str(), done["imported_orders"].as_i64()),
+            (Some("succeeded"), Some(100))
+        );
+    }
+    let (jobs, max_attempts): (i64, i32) = sqlx::query_as(
+        "SELECT count(*), max(attempts) FROM apalis.jobs WHERE job_type = 'imports'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((jobs, max_attempts), (9, 1), "each job ran exactly once");
+    assert_eq!(orders_of(&db, user.id).await.len(), 900);
+    for worker in &workers {
+        terminate(worker);
+    }
+}
+
+#[sqlx::test]
+async fn sigterm_releases_a_running_import_and_the_next_worker_finishes_it(db: PgPool) {
+    let app = TestApp::spawn(with_job_queue(db.clone()).await).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let mut worker = start_worker(&db, &[]).await;
+    let accepted: Value = upload(&app, &token, csv(20_000, 5), "released")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    let running = wait_for(&app, &token, id, |i| {
+        i["processed_rows"].as_i64().is_some_and(|n| n > 0)
+    })
+    .await;
+    assert_eq!(running["status"], "running", "{running}");
+
+    terminate(&worker);
+    let status = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("the worker stops within the grace period")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let released = import_of(&app, &token, id).await;
+    assert_eq!(
+        released["status"], "running",
+        "stopped at a checkpoint, not finished: {released}"
+    );
+    let last_result: String =
+        sqlx::query_scalar("SELECT last_result::text FROM apalis.jobs WHERE job_type = 'imports'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(
+        last_result.contains("released"),
+        "the job was released: {last_result}"
+    );
+
+    let worker = start_worker(&db, &[]).await;
+    let done = finished(&app, &token, id).await;
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["processed_rows"].as_i64(),
+            done["imported_orders"].as_i64()
+        ),
+        (Some("succeeded"), Some(100_000), Some(20_000))
+    );
+    terminate(&worker);
 }
