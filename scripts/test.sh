@@ -60,6 +60,16 @@ cd "$service"
 step "cargo fmt --check"
 cargo fmt --check
 
+step "YAML files parse (compose, Prometheus, alert rules, workflows)"
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
+python3 - compose.yaml deploy/prometheus/*.yml .github/workflows/*.yml <<'PY'
+import sys, yaml
+for path in sys.argv[1:]:
+    with open(path) as file:
+        yaml.safe_load(file)
+    print("ok", path)
+PY
+
 step "cargo clippy --all-targets -- -D warnings (offline: no database)"
 SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
 

@@ -705,6 +705,31 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     #[test]
+    fn env_example_documents_every_variable() {
+        let example = include_str!("../.env.example");
+        let source = include_str!("config.rs");
+        let names: Vec<&str> = source
+            .split("(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .filter(|name| {
+                name.len() > 2
+                    && !name.starts_with("CARGO_")
+                    && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .collect();
+        assert!(names.len() > 30, "{names:?}");
+        for name in names {
+            assert!(
+                example
+                    .lines()
+                    .any(|line| line.starts_with(&format!("{name}="))),
+                ".env.example lacks {name}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_apply_when_only_the_required_variables_are_given() {
         let config = Config::from_map(&vars(&[
             ("DATABASE_URL", "postgres://localhost/app"),
