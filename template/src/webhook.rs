@@ -130,10 +130,20 @@ impl Webhook {
             id: format!("import-{}", notification.import_id),
             data: notification,
         };
-        let mut request = self.client.post(self.url.clone()).json(&event);
-        if let Some(request_id) = &notification.request_id {
-            request = request.header(crate::request_id::REQUEST_ID_HEADER, request_id);
+        // The trace continues at the receiver (W3C traceparent), and the request that started
+        // the import can be quoted to the partner.
+        let mut headers = reqwest::header::HeaderMap::new();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let context = tracing::Span::current().context();
+            propagator.inject_context(&context, &mut opentelemetry_http::HeaderInjector(&mut headers));
+        });
+        if let Some(request_id) = &notification.request_id
+            && let Ok(value) = request_id.parse()
+        {
+            headers.insert(crate::request_id::REQUEST_ID_HEADER, value);
         }
+        let request = self.client.post(self.url.clone()).headers(headers).json(&event);
         let result = match request.send().await {
             Ok(response) if response.status().is_success() => Ok(()),
             Ok(response) => Err(DeliveryError::Status(response.status())),

@@ -75,6 +75,7 @@ impl TryFrom<ImportRow> for Import {
 
 // ---- The upload -------------------------------------------------------------------------------
 
+#[tracing::instrument(name = "import_files.insert", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn insert_chunk(db: &PgPool, import_id: Uuid, seq: i32, data: &[u8]) -> sqlx::Result<()> {
     sqlx::query!(
         "INSERT INTO import_files (import_id, seq, data) VALUES ($1, $2, $3)",
@@ -87,6 +88,7 @@ pub async fn insert_chunk(db: &PgPool, import_id: Uuid, seq: i32, data: &[u8]) -
     Ok(())
 }
 
+#[tracing::instrument(name = "import_files.read", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn chunk(db: &PgPool, import_id: Uuid, seq: i32) -> sqlx::Result<Option<Vec<u8>>> {
     sqlx::query_scalar!(
         "SELECT data FROM import_files WHERE import_id = $1 AND seq = $2",
@@ -129,6 +131,7 @@ pub async fn count_active(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<
     Ok(count)
 }
 
+#[tracing::instrument(name = "imports.insert", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn insert(
     conn: &mut PgConnection,
     id: Uuid,
@@ -155,6 +158,7 @@ pub async fn insert(
     .try_into()
 }
 
+#[tracing::instrument(name = "imports.find", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Import>> {
     sqlx::query_as!(
         ImportRow,
@@ -171,6 +175,7 @@ pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Impo
 }
 
 /// One page of `owner`'s imports, newest first, strictly after `after`.
+#[tracing::instrument(name = "imports.list", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn list(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -207,6 +212,7 @@ pub struct StoredError {
 }
 
 /// One page of an import's row errors in (row, id) order, strictly after `after`.
+#[tracing::instrument(name = "import_errors.list", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn errors(
     conn: &mut PgConnection,
     import_id: Uuid,
@@ -249,6 +255,7 @@ pub async fn start(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>> {
 
 /// Stages one batch of rows with COPY, records its row errors, and moves `processed_rows` to
 /// `through_row`: all in the caller's transaction, so a batch is either wholly done or not at all.
+#[tracing::instrument(name = "import_rows.stage", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn stage_batch(
     conn: &mut PgConnection,
     import_id: Uuid,
@@ -361,6 +368,7 @@ pub struct Grouped {
 /// Set-wise in SQL rather than row by row: this is the import's hot path. The order-level rules
 /// (one currency per order, at most `MAX_ITEMS` items) are checked here, where the rows of an
 /// order first meet; the field rules were checked row by row in Rust when the rows were staged.
+#[tracing::instrument(name = "imports.group", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn group_range(
     conn: &mut PgConnection,
     import_id: Uuid,
@@ -463,6 +471,7 @@ pub async fn group_range(
 
 /// The final state, committed with whatever must happen exactly once after it (the caller's
 /// transaction also enqueues the notification).
+#[tracing::instrument(name = "imports.finish", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
 pub async fn finish(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Import> {
     sqlx::query_as!(
         ImportRow,

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Import benchmark: a generated CSV (5 rows per order) uploaded through the API and processed by a
+# separate worker process, beside Postgres' own COPY of the same file into a plain staging table
+# on the same database. Prints rows/s, end-to-end seconds and the worker's peak RSS per size.
+# A benchmark, not a test: it prints numbers and asserts nothing.
+#
+#   scripts/bench-imports.sh [rows ...]      (default: 100000 1000000)
+#
+# Uses a release build, a throwaway Postgres (scripts/local-postgres.sh, port BENCH_PGPORT,
+# default 55440) and loopback ports 18480/19480 (API) and 19481 (worker metrics).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(100000 1000000)
+pg_port=${BENCH_PGPORT:-55440}
+work=$(mktemp -d /tmp/bench-imports.XXXXXX)
+chmod 755 "$work"
+name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh destroy >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+say() { printf '==> %s\n' "$*" >&2; }
+
+say "Building (release)"
+SQLX_OFFLINE=true cargo build --release --locked --quiet
+bin=${CARGO_TARGET_DIR:-$here/target}/release/$name
+
+say "Starting Postgres on 127.0.0.1:$pg_port"
+eval "$(PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh start)"
+export DATABASE_URL APP_ENV=development RUST_LOG=warn
+psql=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
+psql=${psql:-psql}
+"$bin" migrate
+CREATE_USER_PASSWORD=bench-password-123 "$bin" create-user --email bench@example.com --role customer
+
+# Big enough for the largest file; generous limits so that only the import is measured.
+export IMPORT_MAX_BYTES=$((256 * 1024 * 1024)) IMPORT_MAX_ROWS=10000000 IMPORT_MAX_ACTIVE_PER_USER=100
+export RATE_LIMIT_PER_MINUTE=100000 RATE_LIMIT_WRITES_PER_MINUTE=100000 REDIS_URL=
+API_ADDR=127.0.0.1:18480 ADMIN_ADDR=127.0.0.1:19480 "$bin" serve >"$work/serve.log" 2>&1 &
+pids+=($!)
+ADMIN_ADDR=127.0.0.1:19481 "$bin" worker >"$work/worker.log" 2>&1 &
+worker=$!
+pids+=($worker)
+api=http://127.0.0.1:18480
+until curl -sf "$api/readyz" >/dev/null; do sleep 0.2; done
+token=$(curl -sf -X POST "$api/v1/auth/token" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"bench-password-123"}' | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
+
+now() { date +%s.%N; }
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+per_second() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / s }'; }
+
+printf '\n%-9s %-12s %-14s %-16s %-14s %-10s %s\n' rows "file MiB" "COPY rows/s" "import rows/s" "end-to-end s" "% of COPY" "worker peak RSS MiB"
+for rows in "${sizes[@]}"; do
+  file=$work/orders-$rows.csv
+  python3 - "$rows" "$file" <<'PY'
+import sys
+rows, path = int(sys.argv[1]), sys.argv[2]
+with open(path, "w") as out:
+    out.write("external_ref,currency,sku,quantity,unit_price_cents,note\n")
+    for row in range(rows):
+        order, line = divmod(row, 5)
+        out.write(f"PO-{order:08d},EUR,SKU-{line},{line + 1},{100 + order % 900},\n")
+PY
+  mib=$(awk -v b="$(stat -c %s "$file")" 'BEGIN { printf "%.1f", b / 1048576 }')
+
+  # Baseline: COPY of the same file into a plain table, on the same database.
+  "$psql" -q "$DATABASE_URL" -c 'DROP TABLE IF EXISTS bench_copy' \
+    -c 'CREATE TABLE bench_copy (external_ref text, currency text, sku text, quantity bigint, unit_price_cents bigint, note text)'
+  start=$(now)
+  "$psql" -q "$DATABASE_URL" -c "\\copy bench_copy FROM '$file' WITH (FORMAT csv, HEADER true)"
+  copy_seconds=$(seconds "$start" "$(now)")
+
+  # The import: upload, then poll until the worker has finished.
+  start=$(now)
+  location=$(curl -sf -D - -o /dev/null -X POST "$api/v1/imports" -H "authorization: Bearer $token" \
+    -H "idempotency-key: bench-$rows-$start" -H 'content-type: text/csv' --data-binary @"$file" |
+    sed -n 's/^location: *\([^[:space:]]*\).*/\1/Ip')
+  while :; do
+    body=$(curl -sf "$api$location" -H "authorization: Bearer $token")
+    case $body in *'"status":"queued"'* | *'"status":"running"'*) sleep 0.1 ;; *) break ;; esac
+  done
+  total_seconds=$(seconds "$start" "$(now)")
+  case $body in *'"status":"succeeded"'*) ;; *) echo "the import did not succeed: $body" >&2; exit 1 ;; esac
+  rss_mib=$(awk '/^VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$worker/status")
+  copy_rate=$(per_second "$rows" "$copy_seconds")
+  import_rate=$(per_second "$rows" "$total_seconds")
+  share=$(awk -v a="$import_rate" -v b="$copy_rate" 'BEGIN { printf "%.0f%%", 100 * a / b }')
+  printf '%-9s %-12s %-14s %-16s %-14s %-10s %s\n' "$rows" "$mib" "$copy_rate" "$import_rate" "$total_seconds" "$share" "$rss_mib"
+  rm -f "$file"
+done
+echo
+echo "import rows/s and end-to-end time run from the start of the upload to the finished import"
+echo "(upload, staging, grouping into orders); the worker's peak RSS is its high-water mark so far."
