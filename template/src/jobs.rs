@@ -55,7 +55,7 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
 }
 
 /// A job that stopped because the worker is shutting down. It is not a failure: its progress is
-/// committed, and the next worker to take the job resumes it.
+/// committed, and the job is handed on (see `imports::job`) for the next worker to resume.
 #[derive(Debug, thiserror::Error)]
 #[error("released: the worker is shutting down")]
 pub struct Released;

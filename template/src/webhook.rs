@@ -136,14 +136,21 @@ impl Webhook {
         opentelemetry::global::get_text_map_propagator(|propagator| {
             use tracing_opentelemetry::OpenTelemetrySpanExt;
             let context = tracing::Span::current().context();
-            propagator.inject_context(&context, &mut opentelemetry_http::HeaderInjector(&mut headers));
+            propagator.inject_context(
+                &context,
+                &mut opentelemetry_http::HeaderInjector(&mut headers),
+            );
         });
         if let Some(request_id) = &notification.request_id
             && let Ok(value) = request_id.parse()
         {
             headers.insert(crate::request_id::REQUEST_ID_HEADER, value);
         }
-        let request = self.client.post(self.url.clone()).headers(headers).json(&event);
+        let request = self
+            .client
+            .post(self.url.clone())
+            .headers(headers)
+            .json(&event);
         let result = match request.send().await {
             Ok(response) if response.status().is_success() => Ok(()),
             Ok(response) => Err(DeliveryError::Status(response.status())),
@@ -304,9 +311,9 @@ pub fn spawn_worker(
     let worker = WorkerBuilder::new(jobs::worker_name(QUEUE))
         .backend(jobs::storage::<Notification>(&db, QUEUE, &config.jobs).with_pubsub())
         .data(webhook)
-        .catch_panic()
-        .retry(jobs::retry_policy(&config.jobs)?)
         .concurrency(config.jobs.concurrency)
+        .retry(jobs::retry_policy(&config.jobs)?)
+        .catch_panic()
         .parallelize(tokio::spawn)
         .build(deliver);
     Ok(Some(tokio::spawn(worker.run_until(jobs::until(stop)))))

@@ -65,13 +65,19 @@ pub fn spawn_worker(
     let worker = WorkerBuilder::new(jobs::worker_name(QUEUE))
         .backend(jobs::storage::<ImportJob>(&db, QUEUE, &config.jobs).with_pubsub())
         .data(context)
-        .catch_panic()
-        .retry(jobs::retry_policy(&config.jobs)?)
         .concurrency(config.jobs.concurrency)
+        .retry(jobs::retry_policy(&config.jobs)?)
+        .catch_panic()
         .parallelize(tokio::spawn)
         .build(handle);
     Ok(tokio::spawn(worker.run_until(jobs::until(stop))))
 }
+
+/// Another run of the same import committed this step first; this run stops and leaves the rest
+/// to it.
+#[derive(Debug, thiserror::Error)]
+#[error("another run of this import is ahead of this one")]
+struct Superseded;
 
 async fn handle(job: ImportJob, context: Data<Context>, attempt: Attempt) -> Result<(), JobError> {
     let attempt = attempt.current();
@@ -80,18 +86,33 @@ async fn handle(job: ImportJob, context: Data<Context>, attempt: Attempt) -> Res
         import_id = %job.import_id,
         request_id = job.request_id.as_deref().unwrap_or_default()
     );
-    jobs::instrumented(QUEUE, attempt, async {
-        let result = process(&context, job.import_id).await;
-        if let Err(error) = &result
-            && !error.is::<Released>()
-            && attempt >= context.max_attempts
-        {
-            give_up(&context, job.import_id).await;
+    let result = jobs::instrumented(QUEUE, attempt, async {
+        match process(&context, job.import_id).await {
+            Err(error) if error.is::<Superseded>() => {
+                tracing::info!("{error}");
+                Ok(())
+            }
+            Err(error) if !error.is::<Released>() && attempt >= context.max_attempts => {
+                give_up(&context, job.import_id).await;
+                Err(error)
+            }
+            result => result,
         }
-        result
     })
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    match result {
+        // Handed on as a fresh job, so that a shutdown does not use up one of the job's attempts
+        // (a deploy a day must not fail a long import). If that fails, the released attempt is
+        // retried like a failed one.
+        Err(error) if error.is::<Released>() => {
+            let mut conn = context.db.acquire().await?;
+            jobs::enqueue(&mut conn, QUEUE, &job, context.max_attempts).await?;
+            span.in_scope(|| tracing::info!("released at a checkpoint; queued to resume"));
+            Ok(())
+        }
+        result => result,
+    }
 }
 
 async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
@@ -134,7 +155,7 @@ async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
     let mut records = Records::default();
     let (mut chunk, mut position, mut seq, mut at_end) = (Vec::new(), 0, 0, false);
     let mut has_note = None;
-    let (mut row, mut pending) = (0_i32, 0_usize);
+    let (mut row, mut pending, mut committed) = (0_i32, 0_usize, already);
     let mut staged: Vec<StagedRow> = Vec::with_capacity(STAGE_BATCH_ROWS);
     let mut errors: Vec<RowError> = Vec::new();
     loop {
@@ -169,19 +190,22 @@ async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
                 errors.extend(parsed.errors);
                 pending += 1;
                 if pending == STAGE_BATCH_ROWS {
-                    commit_batch(context, import.id, &mut staged, &mut errors, row).await?;
-                    pending = 0;
+                    commit_batch(context, import.id, &mut staged, &mut errors, committed, row)
+                        .await?;
+                    (pending, committed) = (0, row);
                 }
             }
             Step::End => break,
         }
     }
+    let through = row.max(already);
     commit_batch(
         context,
         import.id,
         &mut staged,
         &mut errors,
-        row.max(already),
+        committed,
+        through,
     )
     .await
 }
@@ -191,9 +215,13 @@ async fn commit_batch(
     import_id: Uuid,
     staged: &mut Vec<StagedRow>,
     errors: &mut Vec<RowError>,
+    from_row: i32,
     through_row: i32,
 ) -> Result<(), JobError> {
     let mut tx = context.db.begin().await?;
+    if store::lock_checkpoints(&mut tx, import_id).await?.0 != from_row {
+        return Err(Superseded.into());
+    }
     store::stage_batch(&mut tx, import_id, staged, errors, through_row).await?;
     tx.commit().await?;
     staged.clear();
@@ -207,11 +235,15 @@ async fn commit_batch(
 /// Step 2: turn the staged rows into orders, a range of external_refs per transaction.
 async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
     let db = &context.db;
+    store::analyze_staged_rows(db).await?;
     let mut after = import.grouped_through.clone();
     while let Some(through) =
         store::next_range(db, import.id, after.as_deref(), GROUP_BATCH_ORDERS).await?
     {
         let mut tx = db.begin().await?;
+        if store::lock_checkpoints(&mut tx, import.id).await?.1 != after {
+            return Err(Superseded.into());
+        }
         store::group_range(
             &mut tx,
             import.id,

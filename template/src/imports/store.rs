@@ -253,6 +253,23 @@ pub async fn start(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>> {
     .transpose()
 }
 
+/// Locks the import's row until the transaction ends and returns its checkpoints
+/// (`processed_rows`, `grouped_through`). Two runs of one import can overlap (a worker presumed
+/// dead that was only slow, and its successor); each step checks under this lock that the
+/// checkpoint is still where it started, so only one of them commits a given step.
+pub async fn lock_checkpoints(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+) -> sqlx::Result<(i32, Option<String>)> {
+    let row = sqlx::query!(
+        "SELECT processed_rows, grouped_through FROM imports WHERE id = $1 FOR UPDATE",
+        import_id,
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.processed_rows, row.grouped_through))
+}
+
 /// Stages one batch of rows with COPY, records its row errors, and moves `processed_rows` to
 /// `through_row`: all in the caller's transaction, so a batch is either wholly done or not at all.
 #[tracing::instrument(name = "import_rows.stage", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
@@ -326,6 +343,14 @@ pub async fn mark_staged(db: &PgPool, import_id: Uuid) -> sqlx::Result<()> {
     sqlx::query!("UPDATE imports SET staged = true WHERE id = $1", import_id)
         .execute(db)
         .await?;
+    Ok(())
+}
+
+/// Refreshes the planner's statistics of `import_rows`. Staging has just added up to a million
+/// rows; grouping planned on the old numbers (autovacuum has not caught up yet) can pick a nested
+/// loop over all of them and run into the statement timeout.
+pub async fn analyze_staged_rows(db: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("ANALYZE import_rows").execute(db).await?;
     Ok(())
 }
 
