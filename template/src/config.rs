@@ -168,6 +168,9 @@ pub struct HttpConfig {
     /// Longest a request may take before it is abandoned with 503 `timeout`
     /// (`REQUEST_TIMEOUT_SECS`). Keep it above `DATABASE_STATEMENT_TIMEOUT_MS`.
     pub request_timeout: Duration,
+    /// Longest a CSV upload may take (`IMPORT_UPLOAD_TIMEOUT_SECS`): a 20 MiB file over a slow
+    /// link needs far longer than `REQUEST_TIMEOUT_SECS`.
+    pub upload_timeout: Duration,
     /// Requests in flight at once before new ones are refused with 503
     /// (`MAX_CONCURRENT_REQUESTS`).
     pub max_concurrent_requests: usize,
@@ -268,6 +271,9 @@ impl Config {
         let request_timeout = env
             .parse_in_range("REQUEST_TIMEOUT_SECS", 10, 1..=600)
             .map(Duration::from_secs);
+        let upload_timeout = env
+            .parse_in_range("IMPORT_UPLOAD_TIMEOUT_SECS", 300, 1..=3600)
+            .map(Duration::from_secs);
         let cors_allowed_origins = env.origins("CORS_ALLOWED_ORIGINS");
         let hsts_max_age = env.optional_in_range("HSTS_MAX_AGE_SECS", 0..=63_072_000);
         let disabled = env.switches("DISABLED_FEATURES");
@@ -304,6 +310,7 @@ impl Config {
             Some(outbound_timeout),
             Some(max_body_bytes),
             Some(request_timeout),
+            Some(upload_timeout),
             Some(max_concurrent_requests),
             Some(cors_allowed_origins),
             Some(hsts_max_age),
@@ -338,6 +345,7 @@ impl Config {
             outbound_timeout,
             max_body_bytes,
             request_timeout,
+            upload_timeout,
             max_concurrent_requests,
             cors_allowed_origins,
             hsts_max_age,
@@ -372,6 +380,7 @@ impl Config {
             http: HttpConfig {
                 max_body_bytes,
                 request_timeout,
+                upload_timeout,
                 max_concurrent_requests,
                 cors_allowed_origins,
                 hsts_max_age,

@@ -41,8 +41,20 @@ pub async fn enqueue(
     payload: &impl Serialize,
     max_attempts: usize,
 ) -> anyhow::Result<()> {
+    enqueue_after(conn, queue, payload, max_attempts, Duration::ZERO).await
+}
+
+/// Like [`enqueue`], for a job that must not start before `delay` has passed.
+pub async fn enqueue_after(
+    conn: &mut PgConnection,
+    queue: &str,
+    payload: &impl Serialize,
+    max_attempts: usize,
+    delay: Duration,
+) -> anyhow::Result<()> {
     let task = TaskBuilder::new(serde_json::to_vec(payload)?)
         .max_attempts(max_attempts)
+        .run_after(delay)
         .build();
     apalis_postgres::queries::push_tasks(conn, queue, vec![task]).await?;
     Ok(())
@@ -54,10 +66,11 @@ pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A job that stopped because the worker is shutting down. It is not a failure: its progress is
-/// committed, and the job is handed on (see `imports::job`) for the next worker to resume.
+/// A job that stopped early and was handed on as a fresh job: the worker is shutting down (an
+/// import, at a checkpoint), or the job must wait (a notification, for an open circuit). It is
+/// not a failure and uses up none of the job's attempts; `imports::job` and `webhook` hand on.
 #[derive(Debug, thiserror::Error)]
-#[error("released: the worker is shutting down")]
+#[error("released: handed on to run later")]
 pub struct Released;
 
 /// Why a job run failed, for the retry policy: [`Released`] is not retried in this process.

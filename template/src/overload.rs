@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
@@ -25,10 +26,15 @@ use crate::problem::{ErrorCode, Problem};
 /// Routes that are never shed or timed out.
 const EXEMPT_ROUTES: &[&str] = &["/livez", "/readyz"];
 
+/// Uploads (`POST` on these routes) take as long as the client's bandwidth needs, far longer than
+/// an API call should: they get `IMPORT_UPLOAD_TIMEOUT_SECS` instead of `REQUEST_TIMEOUT_SECS`.
+const UPLOAD_ROUTES: &[&str] = &["/v1/imports"];
+
 #[derive(Debug, Clone)]
 pub struct Overload {
     slots: Arc<Semaphore>,
     timeout: Duration,
+    upload_timeout: Duration,
 }
 
 impl Overload {
@@ -36,18 +42,26 @@ impl Overload {
         Overload {
             slots: Arc::new(Semaphore::new(http.max_concurrent_requests)),
             timeout: http.request_timeout,
+            upload_timeout: http.upload_timeout,
         }
     }
 }
 
 pub async fn guard(State(overload): State<Overload>, request: Request, next: Next) -> Response {
-    let exempt = request
+    let route = request
         .extensions()
         .get::<MatchedPath>()
-        .is_some_and(|route| EXEMPT_ROUTES.contains(&route.as_str()));
-    if exempt {
+        .map(MatchedPath::as_str);
+    if route.is_some_and(|route| EXEMPT_ROUTES.contains(&route)) {
         return next.run(request).await;
     }
+    let upload = request.method() == Method::POST
+        && route.is_some_and(|route| UPLOAD_ROUTES.contains(&route));
+    let timeout = if upload {
+        overload.upload_timeout
+    } else {
+        overload.timeout
+    };
     // Held until the response is produced; dropping it frees the slot.
     let Ok(_slot) = overload.slots.clone().try_acquire_owned() else {
         return Problem::new(
@@ -56,7 +70,7 @@ pub async fn guard(State(overload): State<Overload>, request: Request, next: Nex
         )
         .into_response();
     };
-    match tokio::time::timeout(overload.timeout, next.run(request)).await {
+    match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
             ErrorCode::Timeout,

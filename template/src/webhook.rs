@@ -72,8 +72,12 @@ struct WireEvent<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    #[error("the circuit is open: the receiver failed {0} times in a row")]
-    CircuitOpen(u32),
+    #[error("the circuit is open: the receiver failed {failures} times in a row")]
+    CircuitOpen {
+        failures: u32,
+        /// When the circuit lets a trial call through.
+        retry_in: Duration,
+    },
     #[error("the target is not allowed: {0}")]
     Forbidden(String),
     #[error("the receiver answered {0}")]
@@ -256,7 +260,10 @@ impl CircuitBreaker {
         match state.open_until {
             Some(until) if Instant::now() < until => {
                 metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
-                Err(DeliveryError::CircuitOpen(state.failures))
+                Err(DeliveryError::CircuitOpen {
+                    failures: state.failures,
+                    retry_in: until - Instant::now(),
+                })
             }
             Some(_) => {
                 // Half-open: this call is the trial; until it ends, others are refused.
@@ -299,18 +306,22 @@ pub fn spawn_worker(
     let Some(url) = config.imports.webhook_url.clone() else {
         return Ok(None);
     };
-    let webhook = Arc::new(Webhook::new(
-        url,
-        config.log.outbound_timeout,
-        config.imports.webhook_allow_private,
-        CircuitBreaker::new(
-            config.imports.breaker_failures,
-            config.imports.breaker_cooldown,
-        ),
-    )?);
+    let context = Arc::new(Delivery {
+        webhook: Webhook::new(
+            url,
+            config.log.outbound_timeout,
+            config.imports.webhook_allow_private,
+            CircuitBreaker::new(
+                config.imports.breaker_failures,
+                config.imports.breaker_cooldown,
+            ),
+        )?,
+        db: db.clone(),
+        max_attempts: config.jobs.max_attempts,
+    });
     let worker = WorkerBuilder::new(jobs::worker_name(QUEUE))
         .backend(jobs::storage::<Notification>(&db, QUEUE, &config.jobs).with_pubsub())
-        .data(webhook)
+        .data(context)
         .concurrency(config.jobs.concurrency)
         .retry(jobs::retry_policy(&config.jobs)?)
         .catch_panic()
@@ -319,15 +330,50 @@ pub fn spawn_worker(
     Ok(Some(tokio::spawn(worker.run_until(jobs::until(stop)))))
 }
 
+/// What the notification worker's jobs share.
+#[derive(Debug)]
+struct Delivery {
+    webhook: Webhook,
+    db: PgPool,
+    max_attempts: usize,
+}
+
 async fn deliver(
     notification: Notification,
-    webhook: Data<Arc<Webhook>>,
+    delivery: Data<Arc<Delivery>>,
     attempt: Attempt,
 ) -> Result<(), JobError> {
-    jobs::instrumented(QUEUE, attempt.current(), async {
-        webhook.send(&notification).await.map_err(JobError::from)
+    let result = jobs::instrumented(QUEUE, attempt.current(), async {
+        match delivery.webhook.send(&notification).await {
+            Ok(()) => Ok(()),
+            // Waiting for the circuit uses up no attempt: the notification is handed on, to run
+            // when a trial call is allowed. (An outage longer than the retries would otherwise
+            // lose every notification of its time.)
+            Err(DeliveryError::CircuitOpen { retry_in, .. }) => {
+                let mut conn = delivery.db.acquire().await?;
+                jobs::enqueue_after(
+                    &mut conn,
+                    QUEUE,
+                    &notification,
+                    delivery.max_attempts,
+                    retry_in,
+                )
+                .await?;
+                Err(jobs::Released.into())
+            }
+            // Retrying cannot make a forbidden target allowed; say so loudly, once.
+            Err(error @ DeliveryError::Forbidden(_)) => {
+                tracing::error!(%error, import_id = %notification.import_id, "webhook not sent");
+                Ok(())
+            }
+            Err(error) => Err(error.into()),
+        }
     })
-    .await
+    .await;
+    match result {
+        Err(error) if error.is::<jobs::Released>() => Ok(()),
+        result => result,
+    }
 }
 
 #[cfg(test)]
@@ -368,7 +414,7 @@ mod tests {
         breaker.record(false);
         assert!(matches!(
             breaker.allow(),
-            Err(DeliveryError::CircuitOpen(2))
+            Err(DeliveryError::CircuitOpen { failures: 2, .. })
         ));
         std::thread::sleep(Duration::from_millis(60));
         assert!(breaker.allow().is_ok(), "the trial after the cooldown");

@@ -31,11 +31,20 @@ pub async fn run(db: PgPool, config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let metrics = tokio::spawn(metrics.into_future());
     tracing::info!(admin_addr = %config.admin_addr, "worker started");
-    let jobs = tokio::spawn({
+    let mut jobs = tokio::spawn({
         let (db, config, stop) = (db.clone(), config.clone(), stop.clone());
         jobs::run(db, config, stop)
     });
-    signal.await;
+    tokio::select! {
+        () = signal => {}
+        // The job workers must not end on their own: if they do, say why and exit non-zero, so
+        // that the orchestrator restarts a worker that would otherwise idle, healthy-looking.
+        ended = &mut jobs => {
+            stop.cancel();
+            ended??;
+            anyhow::bail!("the job workers stopped without being asked to");
+        }
+    }
     tracing::info!("shutdown requested: finishing the work in progress");
     stop.cancel();
     jobs.await??;
@@ -63,6 +72,9 @@ async fn cleanups(db: PgPool, config: Config, stop: CancellationToken) {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "removed finished imports' leftovers"),
             Err(error) => tracing::warn!(%error, "cleaning up imports failed"),
+        }
+        if let Err(error) = imports::job::requeue_lost(&db, &config).await {
+            tracing::warn!(%error, "looking for imports without a job failed");
         }
     }
 }

@@ -89,8 +89,13 @@ pub fn parse_row<'a>(
                 format!("has {} fields; the header has {expected}", fields.len()),
             ),
         );
+        // Still staged (as invalid) when it names its order, so that the order is rejected.
+        let external_ref = fields
+            .first()
+            .and_then(|raw| std::str::from_utf8(raw).ok())
+            .and_then(|raw| ExternalRef::parse(raw.to_owned()).ok());
         return ParsedRow {
-            staged: None,
+            staged: external_ref.map(|external_ref| StagedRow::invalid(row, external_ref)),
             errors: p.errors,
         };
     }
@@ -179,6 +184,19 @@ fn rule(code: &'static str, message: String) -> ValidationError {
 }
 
 impl StagedRow {
+    fn invalid(row: i32, external_ref: ExternalRef) -> Self {
+        StagedRow {
+            row,
+            external_ref: external_ref.get().clone(),
+            valid: false,
+            currency: None,
+            sku: None,
+            quantity: None,
+            unit_price_cents: None,
+            note: None,
+        }
+    }
+
     /// Appends the row as one line of COPY's text format (tab-separated, `\N` for NULL).
     pub fn write_copy_line(&self, import_id: Uuid, out: &mut String) {
         fn text(out: &mut String, value: Option<&str>) {
@@ -271,6 +289,11 @@ mod tests {
         assert!(parsed.staged.is_none());
         let short = parse("PO-1,EUR,A,1", false);
         assert_eq!(short.errors[0].code, "field_count");
+        let staged = short.staged.expect("a short row still rejects its order");
+        assert_eq!(
+            (staged.external_ref.as_str(), staged.valid),
+            ("PO-1", false)
+        );
     }
 
     #[test]

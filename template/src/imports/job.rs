@@ -86,6 +86,13 @@ async fn handle(job: ImportJob, context: Data<Context>, attempt: Attempt) -> Res
         import_id = %job.import_id,
         request_id = job.request_id.as_deref().unwrap_or_default()
     );
+    if attempt > context.max_attempts {
+        // Handed out again and again without ever returning (its worker crashes each time):
+        // give it up rather than crash workers forever.
+        let _enter = span.enter();
+        give_up(&context, job.import_id).await;
+        return Ok(());
+    }
     let result = jobs::instrumented(QUEUE, attempt, async {
         match process(&context, job.import_id).await {
             Err(error) if error.is::<Superseded>() => {
@@ -121,13 +128,28 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
         return Ok(());
     };
     if !import.staged {
+        let started = std::time::Instant::now();
         stage(context, &import).await?;
         store::mark_staged(&context.db, import_id).await?;
+        // Fresh planner statistics for the grouping queries: staging has just added up to a
+        // million rows, and plans made on the old numbers can be slow enough to time out.
+        if let Err(error) = store::analyze_staged_rows(&context.db).await {
+            tracing::warn!(%error, "could not refresh the statistics of import_rows");
+        }
+        tracing::info!(elapsed_ms = started.elapsed().as_millis(), "rows staged");
     }
+    let started = std::time::Instant::now();
     group(context, &import).await?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis(),
+        "rows grouped into orders"
+    );
 
     let mut tx = context.db.begin().await?;
-    let done = store::finish(&mut tx, import_id).await?;
+    store::lock_checkpoints(&mut tx, import_id).await?;
+    let Some(done) = store::finish(&mut tx, import_id).await? else {
+        return Err(Superseded.into());
+    };
     if context.notify {
         let notification = webhook::Notification::from(&done);
         jobs::enqueue(&mut tx, webhook::QUEUE, &notification, context.max_attempts).await?;
@@ -235,7 +257,6 @@ async fn commit_batch(
 /// Step 2: turn the staged rows into orders, a range of external_refs per transaction.
 async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
     let db = &context.db;
-    store::analyze_staged_rows(db).await?;
     let mut after = import.grouped_through.clone();
     while let Some(through) =
         store::next_range(db, import.id, after.as_deref(), GROUP_BATCH_ORDERS).await?
@@ -257,6 +278,24 @@ async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
         if context.stop.is_cancelled() {
             return Err(Released.into());
         }
+    }
+    Ok(())
+}
+
+/// A safety net, run by the worker's scheduled cleanup: an import that is queued or running
+/// with no job left to run it (a run stopped because another was ahead, and that other run died
+/// unrecorded) gets a fresh job. Imports younger than `LOST_AFTER` are left alone: their job may
+/// simply not be committed yet.
+pub async fn requeue_lost(db: &PgPool, config: &Config) -> anyhow::Result<()> {
+    const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+    for import_id in store::without_job(db, LOST_AFTER).await? {
+        let mut conn = db.acquire().await?;
+        let job = ImportJob {
+            import_id,
+            request_id: None,
+        };
+        jobs::enqueue(&mut conn, QUEUE, &job, config.jobs.max_attempts).await?;
+        tracing::warn!(%import_id, "an import had no job left; queued a new one");
     }
     Ok(())
 }

@@ -242,8 +242,9 @@ pub async fn create_import(
                 .header(header::LOCATION, &format!("/v1/imports/{id}"))
         })
         .await;
-    if !created || response.is_err() {
-        // A replay, a refusal or a failure: the file just stored belongs to no import.
+    if !created {
+        // A replay or a refusal: the file just stored belongs to no import. (After a failed
+        // commit the import may exist after all; the worker's cleanup removes the file if not.)
         discard_upload(&state, id).await;
     }
     response

@@ -346,9 +346,7 @@ pub async fn mark_staged(db: &PgPool, import_id: Uuid) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Refreshes the planner's statistics of `import_rows`. Staging has just added up to a million
-/// rows; grouping planned on the old numbers (autovacuum has not caught up yet) can pick a nested
-/// loop over all of them and run into the statement timeout.
+/// Refreshes the planner's statistics of `import_rows` (autovacuum catches up only later).
 pub async fn analyze_staged_rows(db: &PgPool) -> sqlx::Result<()> {
     sqlx::query("ANALYZE import_rows").execute(db).await?;
     Ok(())
@@ -376,17 +374,6 @@ pub async fn next_range(
     .await
 }
 
-/// What grouping one range did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Grouped {
-    /// Orders created, or found already created by an earlier run or import.
-    pub imported: i32,
-    /// Orders left out because one of their rows is invalid.
-    pub rejected: i32,
-    /// Rows newly found invalid by the order-level rules.
-    pub failed_rows: i32,
-}
-
 /// Turns the staged rows with external_ref in (`after`, `through`] into draft orders owned by
 /// `owner`, and commits the counters and the checkpoint with them (caller's transaction).
 ///
@@ -400,7 +387,7 @@ pub async fn group_range(
     owner: Uuid,
     after: Option<&str>,
     through: &str,
-) -> sqlx::Result<Grouped> {
+) -> sqlx::Result<()> {
     let max_items = i64::try_from(MAX_ITEMS).unwrap_or(i64::MAX);
     let failed_rows = sqlx::query_scalar!(
         r#"WITH ranked AS (
@@ -437,11 +424,16 @@ pub async fn group_range(
     .fetch_one(&mut *conn)
     .await?;
 
+    // Each order's items travel as arrays from the grouping to the insert, so the items are not
+    // read from `import_rows` a second time.
     let counts = sqlx::query!(
         r#"WITH groups AS (
                SELECT external_ref, bool_and(valid) AS valid, min(currency) AS currency,
                       sum(quantity * unit_price_cents) AS total_cents,
-                      (array_agg(note ORDER BY row_no) FILTER (WHERE note IS NOT NULL))[1] AS note
+                      (array_agg(note ORDER BY row_no) FILTER (WHERE note IS NOT NULL))[1] AS note,
+                      array_agg(sku ORDER BY row_no) AS skus,
+                      array_agg(quantity ORDER BY row_no) AS quantities,
+                      array_agg(unit_price_cents ORDER BY row_no) AS prices
                FROM import_rows
                WHERE import_id = $1 AND external_ref > coalesce($2, '') AND external_ref <= $3
                GROUP BY external_ref
@@ -456,11 +448,11 @@ pub async fn group_range(
            ),
            items AS (
                INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
-               SELECT created.id,
-                      row_number() OVER (PARTITION BY r.external_ref ORDER BY r.row_no),
-                      r.sku, r.quantity, r.unit_price_cents
+               SELECT created.id, item.position, item.sku, item.quantity, item.unit_price_cents
                FROM created
-               JOIN import_rows r ON r.import_id = $1 AND r.external_ref = created.external_ref
+               JOIN groups USING (external_ref),
+               unnest(groups.skus, groups.quantities, groups.prices)
+                   WITH ORDINALITY AS item (sku, quantity, unit_price_cents, position)
            )
            SELECT count(*) FILTER (WHERE valid)::integer AS "imported!",
                   count(*) FILTER (WHERE NOT valid)::integer AS "rejected!"
@@ -487,31 +479,29 @@ pub async fn group_range(
     )
     .execute(conn)
     .await?;
-    Ok(Grouped {
-        imported: counts.imported,
-        rejected: counts.rejected,
-        failed_rows,
-    })
+    Ok(())
 }
 
 /// The final state, committed with whatever must happen exactly once after it (the caller's
-/// transaction also enqueues the notification).
+/// transaction also enqueues the notification). `None` when the import is no longer running:
+/// another run finished it, or it was given up.
 #[tracing::instrument(name = "imports.finish", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
-pub async fn finish(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Import> {
+pub async fn finish(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Option<Import>> {
     sqlx::query_as!(
         ImportRow,
         "UPDATE imports
          SET status = CASE WHEN failed_rows = 0 THEN 'succeeded' ELSE 'completed_with_errors' END,
              finished_at = now()
-         WHERE id = $1
+         WHERE id = $1 AND status = 'running'
          RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
                    rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
                    started_at, finished_at",
         import_id,
     )
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await?
-    .try_into()
+    .map(Import::try_from)
+    .transpose()
 }
 
 /// Gives up on an import whose job has run out of attempts.
@@ -531,34 +521,78 @@ pub async fn fail(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Opti
     .transpose()
 }
 
-/// Removes what a finished import no longer needs: its staged rows and its file, and uploads
-/// whose request never created an import (older than `orphan_age`). Safe to run at any time and
-/// from several workers.
+/// Rows deleted per statement, so that removing a large import's leftovers never runs into the
+/// statement timeout or holds locks for long.
+const DELETE_BATCH: i64 = 20_000;
+
+/// Removes what finished imports no longer need (their staged rows and files) and uploads whose
+/// request never created an import (older than `orphan_age`), in batches. Safe to run at any time
+/// and from several workers.
 pub async fn clean_up(db: &PgPool, orphan_age: std::time::Duration) -> sqlx::Result<u64> {
-    let staged = sqlx::query!(
-        "DELETE FROM import_rows r USING imports i
-         WHERE r.import_id = i.id AND i.status NOT IN ('queued', 'running')",
-    )
-    .execute(db)
-    .await?
-    .rows_affected();
-    let files = sqlx::query!(
-        "DELETE FROM import_files f
-         WHERE NOT EXISTS (SELECT 1 FROM imports i WHERE i.id = f.import_id AND i.status IN ('queued', 'running'))
-           AND (EXISTS (SELECT 1 FROM imports i WHERE i.id = f.import_id)
-                OR f.created_at < now() - make_interval(secs => $1))",
-        orphan_age.as_secs_f64(),
-    )
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(staged + files)
+    let mut deleted = 0;
+    loop {
+        let staged = sqlx::query!(
+            "DELETE FROM import_rows WHERE ctid = ANY(ARRAY(
+                 SELECT r.ctid FROM import_rows r JOIN imports i ON i.id = r.import_id
+                 WHERE i.status NOT IN ('queued', 'running') LIMIT $1))",
+            DELETE_BATCH,
+        )
+        .execute(db)
+        .await?
+        .rows_affected();
+        let files = sqlx::query!(
+            "DELETE FROM import_files WHERE ctid = ANY(ARRAY(
+                 SELECT f.ctid FROM import_files f LEFT JOIN imports i ON i.id = f.import_id
+                 WHERE (i.id IS NULL AND f.created_at < now() - make_interval(secs => $2))
+                    OR i.status NOT IN ('queued', 'running')
+                 LIMIT $1))",
+            DELETE_BATCH,
+            orphan_age.as_secs_f64(),
+        )
+        .execute(db)
+        .await?
+        .rows_affected();
+        deleted += staged + files;
+        if staged + files == 0 {
+            return Ok(deleted);
+        }
+    }
 }
 
-/// Removes one finished import's staged rows and file right away.
+/// Removes one finished import's staged rows and file right away, in batches.
 pub async fn discard_work(db: &PgPool, import_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query!("DELETE FROM import_rows WHERE import_id = $1", import_id)
+    loop {
+        let deleted = sqlx::query!(
+            "DELETE FROM import_rows WHERE ctid = ANY(ARRAY(
+                 SELECT ctid FROM import_rows WHERE import_id = $1 LIMIT $2))",
+            import_id,
+            DELETE_BATCH,
+        )
         .execute(db)
-        .await?;
-    delete_upload(db, import_id).await
+        .await?
+        .rows_affected();
+        if deleted == 0 {
+            return delete_upload(db, import_id).await;
+        }
+    }
+}
+
+/// Imports that are queued or running but have no job that will run them: their job was lost
+/// (a run that stopped because another was ahead, and that other run then died; a failure to
+/// record a final state). The worker's cleanup enqueues a fresh job for each.
+pub async fn without_job(db: &PgPool, older_than: std::time::Duration) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar!(
+        r#"SELECT i.id FROM imports i
+           WHERE i.status IN ('queued', 'running')
+             AND i.created_at < now() - make_interval(secs => $1)
+             AND NOT EXISTS (
+                 SELECT 1 FROM apalis.jobs j
+                 WHERE j.job_type = 'imports'
+                   AND convert_from(j.job, 'UTF8')::jsonb ->> 'import_id' = i.id::text
+                   AND (j.status IN ('Pending', 'Queued', 'Running')
+                        OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))"#,
+        older_than.as_secs_f64(),
+    )
+    .fetch_all(db)
+    .await
 }

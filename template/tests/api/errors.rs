@@ -112,6 +112,7 @@ fn http(max_body_bytes: usize) -> HttpConfig {
     HttpConfig {
         max_body_bytes,
         request_timeout: Duration::from_secs(10),
+        upload_timeout: Duration::from_secs(10),
         max_concurrent_requests: 100,
         cors_allowed_origins: Vec::new(),
         hsts_max_age: None,

@@ -133,10 +133,12 @@ fn with_workers(extra: &[(&str, &str)]) -> service::config::Config {
 async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgPool) {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, with_workers(&[])).await;
     let (user, token) = app.token_for(Role::Customer).await;
-    // Two valid orders; PO-3 has a bad quantity on its second row, PO-4 mixes currencies.
+    // Two valid orders; PO-3 has a bad quantity on its second row, PO-4 mixes currencies, PO-5
+    // has a row with a missing column.
     let body = format!(
         "{HEADER}PO-1,EUR,BOOK-1,2,1250,gift wrap\nPO-2,EUR,PEN-7,10,199,\nPO-1,EUR,PEN-7,1,199,\n\
-         PO-3,EUR,A,1,100,\nPO-3,EUR,B,0,100,\nPO-4,EUR,A,1,100,\nPO-4,USD,B,1,100,\n"
+         PO-3,EUR,A,1,100,\nPO-3,EUR,B,0,100,\nPO-4,EUR,A,1,100,\nPO-4,USD,B,1,100,\n\
+         PO-5,EUR,A,1,100,\nPO-5,EUR,B,1\n"
     );
     let response = upload(&app, &token, body, "import-1").await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
@@ -147,16 +149,16 @@ async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgP
         format!("/v1/imports/{}", accepted["id"].as_str().unwrap())
     );
     assert_eq!(accepted["status"], "queued");
-    assert_eq!(accepted["total_rows"], 7);
+    assert_eq!(accepted["total_rows"], 9);
 
     let id = accepted["id"].as_str().unwrap();
     let done = finished(&app, &token, id).await;
     assert_eq!(done["status"], "completed_with_errors", "{done}");
-    assert_eq!(done["processed_rows"], 7);
+    assert_eq!(done["processed_rows"], 9);
     assert_eq!(done["imported_orders"], 2);
-    assert_eq!(done["rejected_orders"], 2);
+    assert_eq!(done["rejected_orders"], 3);
     assert_eq!(
-        done["failed_rows"], 2,
+        done["failed_rows"], 3,
         "the bad rows, not their valid siblings"
     );
     // Workers wake on NOTIFY rather than apalis's default 30 s poll: the job starts at once (the
@@ -193,7 +195,8 @@ async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgP
         errors,
         [
             (5, "quantity", "range"),
-            (7, "currency", "currency_mismatch")
+            (7, "currency", "currency_mismatch"),
+            (9, "row", "field_count")
         ]
     );
 
@@ -614,7 +617,6 @@ async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
         ("OUTBOUND_HTTP_TIMEOUT_MS", "300"),
         ("WEBHOOK_BREAKER_FAILURES", "3"),
         ("WEBHOOK_BREAKER_COOLDOWN_SECS", "1"),
-        ("JOB_MAX_ATTEMPTS", "12"),
     ]);
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, config).await;
     let (_, token) = app.token_for(Role::Customer).await;
