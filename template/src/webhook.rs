@@ -106,7 +106,10 @@ impl Webhook {
             .timeout(timeout)
             .connect_timeout(timeout)
             // A redirect could lead anywhere, the internal network included: a 3xx is a failure.
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            // Through a proxy, the proxy resolves the target and the filter below would only see
+            // the proxy: webhooks go direct, whatever HTTP(S)_PROXY says.
+            .no_proxy();
         if !allow_private {
             client = client.dns_resolver(Arc::new(PublicAddressesOnly));
         }
@@ -186,7 +189,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     !(ip.is_loopback()
         || ip.is_private()
         || ip.is_link_local()
@@ -195,16 +198,35 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
         || ip.is_documentation()
         || a == 0
-        || (a == 100 && (64..128).contains(&b)))
+        || a >= 240 // reserved
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+        || (a == 198 && (18..20).contains(&b)) // benchmarking
+        || (a == 192 && b == 0 && c == 0)) // IETF protocol assignments
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00
-        || (first & 0xffc0) == 0xfe80)
+    let segments = ip.segments();
+    let embedded = |high: u16, low: u16| {
+        let [a, b] = high.to_be_bytes();
+        let [c, d] = low.to_be_bytes();
+        Ipv4Addr::new(a, b, c, d)
+    };
+    match segments {
+        // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d): judged by the IPv4 address.
+        [0, 0, 0, 0, 0, 0, high, low] if high != 0 => is_public_v4(embedded(high, low)),
+        [0x64, 0xff9b, 0, 0, 0, 0, high, low] => is_public_v4(embedded(high, low)),
+        // 6to4 (2002:a.b.c.d::/48): the IPv4 address is in the prefix.
+        [0x2002, high, low, ..] => is_public_v4(embedded(high, low)),
+        // Teredo tunnels and documentation space.
+        [0x2001, 0, ..] | [0x2001, 0xdb8, ..] => false,
+        [first, ..] => {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80) // link-local
+        }
+    }
 }
 
 /// Resolves names as usual, then keeps only public addresses; a name with none fails.
@@ -395,10 +417,24 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "198.18.0.1",
+            "240.0.0.1",
+            "192.0.0.8",
+            "64:ff9b::a9fe:a9fe",
+            "::127.0.0.1",
+            "2002:a00:1::1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"] {
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
