@@ -120,7 +120,7 @@ fn describe() {
     );
     describe_counter!(
         crate::imports::job::IMPORT_ROWS,
-        "Rows of finished imports, by outcome (imported, failed)."
+        "Rows of finished imports, by outcome (valid, failed: with an error)."
     );
     describe_counter!(
         crate::imports::job::IMPORT_ORDERS,

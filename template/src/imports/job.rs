@@ -123,7 +123,7 @@ async fn handle(job: ImportJob, context: Data<Context>, attempt: Attempt) -> Res
 }
 
 async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
-    let Some(import) = store::start(&context.db, import_id).await? else {
+    let Some(import) = store::mark_running(&context.db, import_id).await? else {
         tracing::info!("the import is already finished");
         return Ok(());
     };
@@ -322,7 +322,7 @@ async fn give_up(context: &Context, import_id: Uuid) {
 fn record_totals(import: &Import) {
     let ok_rows = u64::try_from(import.total_rows - import.failed_rows).unwrap_or(0);
     let failed_rows = u64::try_from(import.failed_rows).unwrap_or(0);
-    metrics::counter!(IMPORT_ROWS, "outcome" => "imported").increment(ok_rows);
+    metrics::counter!(IMPORT_ROWS, "outcome" => "valid").increment(ok_rows);
     metrics::counter!(IMPORT_ROWS, "outcome" => "failed").increment(failed_rows);
     metrics::counter!(IMPORT_ORDERS, "outcome" => "imported")
         .increment(u64::try_from(import.imported_orders).unwrap_or(0));

@@ -237,7 +237,7 @@ pub async fn errors(
 
 /// Marks the import running (again, after a crash or retry) and returns it; `None` when it is
 /// already finished, so a job that runs twice does nothing the second time.
-pub async fn start(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>> {
+pub async fn mark_running(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>> {
     sqlx::query_as!(
         ImportRow,
         "UPDATE imports SET status = 'running', started_at = coalesce(started_at, now())
