@@ -758,3 +758,27 @@ async fn sigterm_releases_a_running_import_and_the_next_worker_finishes_it(db: P
     );
     terminate(&worker);
 }
+
+#[sqlx::test]
+async fn the_kill_switch_turns_imports_off_and_nothing_else(db: PgPool) {
+    let config = import_config(&[("DISABLED_FEATURES", "imports")]);
+    let app = TestApp::spawn_with(with_job_queue(db).await, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let refused = upload(&app, &token, csv(1, 1), "off").await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "service_unavailable");
+    let list = app
+        .call(Method::GET, "/v1/imports", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let orders = app
+        .call(Method::GET, "/v1/orders", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(orders.status(), StatusCode::OK);
+}
