@@ -149,14 +149,14 @@ pub(crate) fn terminate(child: &Child) {
 }
 
 /// The real binary serving on loopback port 0, with its log lines.
-struct Served {
-    child: Child,
-    api: String,
-    logs: tokio::io::Lines<BufReader<ChildStdout>>,
+pub(crate) struct Served {
+    pub(crate) child: Child,
+    pub(crate) api: String,
+    pub(crate) logs: tokio::io::Lines<BufReader<ChildStdout>>,
 }
 
 /// Runs `serve` against the test's database; `vars` add to or override the defaults.
-async fn serve(db: &PgPool, vars: &[(&str, &str)]) -> Served {
+pub(crate) async fn serve(db: &PgPool, vars: &[(&str, &str)]) -> Served {
     let url = url_of(db);
     let mut all = vec![
         ("DATABASE_URL", url.as_str()),
@@ -177,7 +177,7 @@ async fn serve(db: &PgPool, vars: &[(&str, &str)]) -> Served {
     Served { child, api, logs }
 }
 
-async fn create_customer(db: &PgPool, email: &str) {
+pub(crate) async fn create_customer(db: &PgPool, email: &str) {
     let email = service::users::Email::parse(email).unwrap();
     let password = service::auth::password::Password::parse(PASSWORD.to_owned()).unwrap();
     service::users::create(db, &email, service::users::Role::Customer, password)
@@ -186,7 +186,7 @@ async fn create_customer(db: &PgPool, email: &str) {
 }
 
 /// Logs in over HTTP, as a client would.
-async fn login(api: &str, email: &str) -> String {
+pub(crate) async fn login(api: &str, email: &str) -> String {
     let body: Value = client()
         .post(format!("{api}/v1/auth/token"))
         .json(&serde_json::json!({"email": email, "password": PASSWORD}))

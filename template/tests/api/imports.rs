@@ -23,7 +23,7 @@ use crate::harness::{
 const HEADER: &str = "external_ref,currency,sku,quantity,unit_price_cents,note\n";
 
 /// `orders` orders of `lines` rows each, all valid.
-fn csv(orders: usize, lines: usize) -> String {
+pub(crate) fn csv(orders: usize, lines: usize) -> String {
     csv_from(0, orders, lines)
 }
 
@@ -469,7 +469,7 @@ async fn row_errors_are_served_in_pages(db: PgPool) {
 
 /// A real `worker` process against the test's database, with fast heartbeats so that the jobs of
 /// a killed worker are taken over within seconds.
-async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::process::Child {
+pub(crate) async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::process::Child {
     let url = url_of(db);
     let mut vars = vec![
         ("DATABASE_URL", url.as_str()),

@@ -10,6 +10,7 @@ mod errors;
 mod health;
 mod idempotency;
 mod imports;
+mod instances;
 mod observability;
 mod openapi;
 mod orders;
