@@ -25,6 +25,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 step "Installing tools"
 bash "$root/scripts/install-cargo-generate.sh"
 bash "$root/scripts/install-sqlx-cli.sh"
+bash "$root/scripts/install-cargo-deny.sh"
 bash "$root/scripts/install-redis.sh"
 bash "$root/scripts/install-promtool.sh"
 
@@ -69,6 +70,9 @@ for path in sys.argv[1:]:
         yaml.safe_load(file)
     print("ok", path)
 PY
+
+step "cargo deny check licenses bans sources (the dependency policy in deny.toml; advisories need the network and run in the generated CI)"
+cargo deny --offline check licenses bans sources
 
 step "cargo clippy --all-targets -- -D warnings (offline: no database)"
 SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
