@@ -18,4 +18,6 @@ grep -q "0.0.0.0:$api_port" "$dir/src/config.rs" || fail "API port $api_port not
 grep -q "127.0.0.1:$admin_port" "$dir/src/config.rs" || fail "admin port $admin_port not in src/config.rs"
 grep -q "API_ADDR=0.0.0.0:$api_port" "$dir/.env.example" || fail "API port $api_port not in .env.example"
 grep -q "api:$admin_port" "$dir/deploy/prometheus/prometheus.yml" || fail "admin port $admin_port not in the Prometheus scrape config"
+grep -q "containerPort: $api_port" "$dir/deploy/kubernetes/api.yaml" || fail "API port $api_port not in the Kubernetes Deployment"
+grep -q "image: $name:latest" "$dir/deploy/kubernetes/worker.yaml" || fail "image $name not in the Kubernetes manifests"
 echo "render of $name is complete"
