@@ -76,7 +76,7 @@ python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==
 kubernetes-validate --strict --kubernetes-version 1.30.0 deploy/kubernetes/*.yaml
 
 step "cargo deny check licenses bans sources (the dependency policy in deny.toml; advisories need the network and run in the generated CI)"
-cargo deny --offline check licenses bans sources
+cargo deny --offline --log-level error check licenses bans sources
 
 step "cargo clippy --all-targets -- -D warnings (offline: no database)"
 SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
