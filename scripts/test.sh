@@ -96,6 +96,9 @@ export REDIS_URL
 step "cargo test (real Postgres, real Redis)"
 SQLX_OFFLINE=true cargo test --locked --all-targets
 
+step "Contract: spectral lints openapi.json, schemathesis fuzzes the live service (zero failures)"
+bash scripts/contract-test.sh
+
 step "promtool check rules (the alert rules the service ships)"
 promtool check rules deploy/prometheus/alerts.yml
 

@@ -32,7 +32,9 @@ use crate::problem::{ErrorCode, FieldError, PROBLEM_JSON, ProblemDocument};
         (name = "operations", description = "Health probes for orchestrators and load balancers."),
         (name = "auth", description = "Exchange credentials for a short-lived bearer token."),
         (name = "orders", description = "Orders and their lifecycle: draft → submitted → approved, or cancelled."),
+        (name = "imports", description = "CSV files of order lines, imported into draft orders in the background."),
     ),
+    servers((url = "/", description = "This service; the paths are relative to where it is served.")),
     components(schemas(ProblemDocument, FieldError, ErrorCode)),
 )]
 struct ApiDoc;

@@ -64,6 +64,15 @@ where
 
 /// Parses and validates `body` as `T`, or returns a 422 listing every failing field.
 pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> {
+    // serde's derived structs also accept a JSON array of their fields in order; a request body
+    // is an object, with named fields, or nothing at all.
+    if !body.is_object() {
+        return Err(Problem::validation(vec![FieldError {
+            pointer: String::new(),
+            code: Cow::Borrowed("invalid_type"),
+            message: Cow::Borrowed("the body must be a JSON object"),
+        }]));
+    }
     let mut errors = Vec::new();
     let mut unknown = Vec::new();
     let mut on_unknown = |path: serde_ignored::Path| unknown.push(ignored_pointer(&path));
@@ -252,6 +261,12 @@ mod tests {
             pointers(problem),
             ["/id read_only", "/lines/0/quantity invalid_type"]
         );
+    }
+
+    #[test]
+    fn a_body_must_be_an_object_not_the_fields_in_order() {
+        let problem = parse::<Body>(json!(["ok", [{"quantity": 2}]])).unwrap_err();
+        assert_eq!(pointers(problem), [" invalid_type"]);
     }
 
     #[test]
