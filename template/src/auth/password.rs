@@ -3,9 +3,31 @@
 //!
 //! Prevents: passwords in logs or crash dumps, weak hashes, and a burst of logins stalling every
 //! other request (argon2 is deliberately slow: ~20 MiB and tens of milliseconds per hash, which
-//! must not run on the threads that drive I/O).
+//! must not run on the threads that drive I/O). Hashing also gets a bounded share of the CPU (all
+//! cores but one): a login storm makes logins wait, not every other request.
 
 use std::sync::LazyLock;
+
+use tokio::sync::Semaphore;
+
+/// How many hashes may run at once: one core is always left for everything else.
+static HASHING: LazyLock<Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    Semaphore::new(cores.saturating_sub(1).max(1))
+});
+
+/// Runs `work` (an argon2 hash or check) on the blocking pool, within the CPU share above.
+async fn hashing<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let _permit = HASHING.acquire().await?;
+    let current_span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        let _entered = current_span.enter();
+        work()
+    })
+    .await?
+}
 
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
@@ -39,15 +61,13 @@ impl Password {
 /// Hashes with argon2id (v19, OWASP's default parameters) and a fresh random salt, returning the
 /// PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`) that records the parameters for later checks.
 pub async fn hash(password: Password) -> anyhow::Result<String> {
-    let current_span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        let _entered = current_span.enter();
+    hashing(move || {
         Argon2::default()
             .hash_password(password.0.expose_secret().as_bytes())
             .map(|hash| hash.to_string())
             .map_err(|error| anyhow::anyhow!("cannot hash password: {error}"))
     })
-    .await?
+    .await
 }
 
 /// A hash of a random password, verified against when the e-mail is unknown, so that an unknown
@@ -68,9 +88,7 @@ pub async fn warm_up() {
 /// Checks `candidate` against a stored PHC string, or against the dummy hash when there is no
 /// account (`stored` is `None`); false in that case, after the same work.
 pub async fn verify(candidate: SecretString, stored: Option<String>) -> anyhow::Result<bool> {
-    let current_span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        let _entered = current_span.enter();
+    hashing(move || {
         let account_exists = stored.is_some();
         let phc = stored.unwrap_or_else(|| DUMMY_HASH.clone());
         let hash = PasswordHash::new(&phc)
@@ -80,7 +98,7 @@ pub async fn verify(candidate: SecretString, stored: Option<String>) -> anyhow::
             .is_ok();
         Ok(account_exists && matches)
     })
-    .await?
+    .await
 }
 
 #[cfg(test)]
