@@ -52,13 +52,21 @@ async fn main() -> anyhow::Result<()> {
     let full = format!("http://{}", app.api_addr()?);
     tokio::spawn(app.run_until(std::future::pending()));
     let bare = serve_bare(db.clone()).await?;
-    let client = Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let client = Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
 
     let run = Uuid::now_v7();
     let mut principals = Vec::new();
     for n in 0..USERS {
         let email = Email::parse(&format!("bench-{run}-{n}@example.com"))?;
-        let id = users::create(&db, &email, Role::Customer, Password::parse(PASSWORD.into())?).await?;
+        let id = users::create(
+            &db,
+            &email,
+            Role::Customer,
+            Password::parse(PASSWORD.into())?,
+        )
+        .await?;
         let token = login(&client, &full, email.as_str()).await?;
         let mut orders = Vec::new();
         for k in 0..ORDERS_PER_USER {
@@ -74,7 +82,12 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             orders.push(created["id"].as_str().unwrap_or_default().to_owned());
         }
-        principals.push(Principal { id, email, token, orders });
+        principals.push(Principal {
+            id,
+            email,
+            token,
+            orders,
+        });
     }
     let principals = Arc::new(principals);
     let key = Arc::new(AtomicU64::new(0));
@@ -82,22 +95,35 @@ async fn main() -> anyhow::Result<()> {
     println!("{seconds:?} per scenario, {concurrency} requests in flight, {USERS} principals\n");
     println!(
         "{:<44} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}  target",
-        "scenario", "full req/s", "bare req/s", "full p50", "full p99", "bare p50", "bare p99", "ratio"
+        "scenario",
+        "full req/s",
+        "bare req/s",
+        "full p50",
+        "full p99",
+        "bare p50",
+        "bare p99",
+        "ratio"
     );
 
     let read_one = {
         let (p, full) = (principals.clone(), full.clone());
         move |c: &Client, i: u64| {
             let p = &p[i as usize % USERS];
-            c.get(format!("{full}/v1/orders/{}", p.orders[i as usize % ORDERS_PER_USER]))
-                .bearer_auth(&p.token)
+            c.get(format!(
+                "{full}/v1/orders/{}",
+                p.orders[i as usize % ORDERS_PER_USER]
+            ))
+            .bearer_auth(&p.token)
         }
     };
     let (full_one, bare_one) = {
         let (p, bare) = (principals.clone(), bare.clone());
         let bare_one = move |c: &Client, i: u64| {
             let p = &p[i as usize % USERS];
-            c.get(format!("{bare}/bare/orders/{}", p.orders[i as usize % ORDERS_PER_USER]))
+            c.get(format!(
+                "{bare}/bare/orders/{}",
+                p.orders[i as usize % ORDERS_PER_USER]
+            ))
         };
         compare(&client, seconds, concurrency, read_one.clone(), bare_one).await
     };
@@ -111,11 +137,19 @@ async fn main() -> anyhow::Result<()> {
                 .bearer_auth(&p[i as usize % USERS].token)
         };
         let bare_list = move |c: &Client, i: u64| {
-            c.get(format!("{bare}/bare/orders?owner={}", q[i as usize % USERS].id))
+            c.get(format!(
+                "{bare}/bare/orders?owner={}",
+                q[i as usize % USERS].id
+            ))
         };
         compare(&client, seconds, concurrency, full_list, bare_list).await
     };
-    row("GET /v1/orders?limit=20", &full_list, &bare_list, "≥ 85% of bare");
+    row(
+        "GET /v1/orders?limit=20",
+        &full_list,
+        &bare_list,
+        "≥ 85% of bare",
+    );
 
     // The login storm: tasks logging in as fast as argon2 lets them, while reads are measured;
     // beside the same reads measured just before, without it.
@@ -123,7 +157,12 @@ async fn main() -> anyhow::Result<()> {
     let storm_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut storm = Vec::new();
     for n in 0..concurrency / 4 {
-        let (client, full, p, stop) = (client.clone(), full.clone(), principals.clone(), storm_stop.clone());
+        let (client, full, p, stop) = (
+            client.clone(),
+            full.clone(),
+            principals.clone(),
+            storm_stop.clone(),
+        );
         storm.push(tokio::spawn(async move {
             let mut logins = 0_u64;
             while !stop.load(Ordering::Relaxed) {
@@ -156,11 +195,17 @@ async fn main() -> anyhow::Result<()> {
         let full_create = move |c: &Client, i: u64| {
             c.post(format!("{full}/v1/orders"))
                 .bearer_auth(&p[i as usize % USERS].token)
-                .header("idempotency-key", format!("bench-{}", key.fetch_add(1, Ordering::Relaxed)))
+                .header(
+                    "idempotency-key",
+                    format!("bench-{}", key.fetch_add(1, Ordering::Relaxed)),
+                )
                 .json(&order_body())
         };
         let bare_create = move |c: &Client, i: u64| {
-            c.post(format!("{bare}/bare/orders?owner={}", q[i as usize % USERS].id))
+            c.post(format!(
+                "{bare}/bare/orders?owner={}",
+                q[i as usize % USERS].id
+            ))
         };
         compare(&client, seconds, concurrency, full_create, bare_create).await
     };
@@ -201,9 +246,11 @@ fn config() -> anyhow::Result<Config> {
         ("MAX_CONCURRENT_REQUESTS", "10000"),
         ("DATABASE_MAX_CONNECTIONS", "20"),
     ] {
-        vars.entry(name.to_owned()).or_insert_with(|| value.to_owned());
+        vars.entry(name.to_owned())
+            .or_insert_with(|| value.to_owned());
     }
-    vars.entry("APP_ENV".into()).or_insert_with(|| "development".into());
+    vars.entry("APP_ENV".into())
+        .or_insert_with(|| "development".into());
     Ok(Config::from_map(&vars)?)
 }
 
@@ -265,8 +312,9 @@ async fn bare_list(
         status: None,
     };
     match store::list(&mut conn, filter, Keyset::start(), 21).await {
-        Ok(orders) => axum::Json(orders.into_iter().map(OrderView::from).collect::<Vec<_>>())
-            .into_response(),
+        Ok(orders) => {
+            axum::Json(orders.into_iter().map(OrderView::from).collect::<Vec<_>>()).into_response()
+        }
         Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -292,9 +340,11 @@ async fn bare_insert(
         return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     match store::insert(&mut tx, owner, &order).await {
-        Ok(order) if tx.commit().await.is_ok() => {
-            (axum::http::StatusCode::CREATED, axum::Json(OrderView::from(order))).into_response()
-        }
+        Ok(order) if tx.commit().await.is_ok() => (
+            axum::http::StatusCode::CREATED,
+            axum::Json(OrderView::from(order)),
+        )
+            .into_response(),
         _ => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -328,8 +378,11 @@ impl Sample {
         self.latencies.sort_unstable();
         let latencies = &self.latencies;
         let quantile = |q: f64| {
-            let index = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
-            latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            let index =
+                ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+            latencies
+                .get(index)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
         };
         Stats {
             per_second: latencies.len() as f64 / self.seconds,
@@ -345,7 +398,13 @@ impl Sample {
 const ROUNDS: u32 = 5;
 
 /// The full service and the bare handler, alternately, `duration` each in all.
-async fn compare<F, B>(client: &Client, duration: Duration, concurrency: usize, full: F, bare: B) -> (Stats, Stats)
+async fn compare<F, B>(
+    client: &Client,
+    duration: Duration,
+    concurrency: usize,
+    full: F,
+    bare: B,
+) -> (Stats, Stats)
 where
     F: Fn(&Client, u64) -> RequestBuilder + Clone + Send + Sync + 'static,
     B: Fn(&Client, u64) -> RequestBuilder + Clone + Send + Sync + 'static,
