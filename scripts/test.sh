@@ -73,7 +73,9 @@ PY
 
 step "Kubernetes manifests validate against the Kubernetes 1.30 schemas (kubernetes-validate, offline)"
 python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
-kubernetes-validate --strict --kubernetes-version 1.30.0 deploy/kubernetes/*.yaml
+# Called by path: a fresh pip install may not be on PATH yet (pyenv shims, --user installs).
+"$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/kubernetes-validate" \
+  --strict --kubernetes-version 1.30.0 deploy/kubernetes/*.yaml
 
 step "cargo deny check licenses bans sources (the dependency policy in deny.toml; advisories need the network and run in the generated CI)"
 cargo deny --offline --log-level error check licenses bans sources

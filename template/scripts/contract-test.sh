@@ -20,8 +20,9 @@ say "Installing spectral 6.16.3 and schemathesis 4.32.5"
 mkdir -p "$tools"
 [ -x "$tools/node_modules/.bin/spectral" ] ||
   npm install --prefix "$tools" --silent --no-audit --no-fund @stoplight/spectral-cli@6.16.3
-python3 -c 'import schemathesis' 2>/dev/null && schemathesis --version | grep -q 4.32.5 ||
-  python3 -m pip install --quiet --disable-pip-version-check schemathesis==4.32.5
+python3 -m pip install --quiet --disable-pip-version-check schemathesis==4.32.5
+# Called by path: a fresh pip install may not be on PATH yet (pyenv shims, --user installs).
+schemathesis="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/schemathesis"
 
 say "spectral lint openapi.json (every warning fails)"
 "$tools/node_modules/.bin/spectral" lint --ruleset .spectral.yaml --fail-severity warn openapi.json
@@ -48,6 +49,6 @@ token=$(curl -sf -X POST "http://127.0.0.1:$port/v1/auth/token" -H 'content-type
 [ -n "$token" ] || { cat "$log" >&2; echo "no token" >&2; exit 1; }
 
 say "schemathesis: every check, every phase (a fixed seed, so a failure reproduces)"
-schemathesis run "http://127.0.0.1:$port/openapi.json" --checks all \
+"$schemathesis" run "http://127.0.0.1:$port/openapi.json" --checks all \
   -H "Authorization: Bearer $token" --max-examples "${CONTRACT_MAX_EXAMPLES:-30}" --workers 1 \
   --seed "${CONTRACT_SEED:-42}"
