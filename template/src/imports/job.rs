@@ -18,7 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::csv::{Records, Step, check_header};
-use super::domain::{RowError, StagedRow, parse_row};
+use super::domain::{ParsedRow, RowError, StagedRow, parse_row};
 use super::store::{self, Import};
 use crate::config::Config;
 use crate::jobs::{self, JobError, Released};
@@ -172,86 +172,133 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
 
 /// Step 1: validate every row not yet staged and stage it, a batch per transaction.
 async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
-    let db = &context.db;
-    let already = import.processed_rows;
-    let mut records = Records::default();
-    let (mut chunk, mut position, mut seq, mut at_end) = (Vec::new(), 0, 0, false);
-    let mut has_note = None;
-    let (mut row, mut pending, mut committed) = (0_i32, 0_usize, already);
-    let mut staged: Vec<StagedRow> = Vec::with_capacity(STAGE_BATCH_ROWS);
-    let mut errors: Vec<RowError> = Vec::new();
-    loop {
-        let mut input = &chunk[position..];
-        let step = records.read(&mut input, at_end)?;
-        position = chunk.len() - input.len();
-        match step {
-            Step::NeedInput => {
-                match store::chunk(db, import.id, seq).await? {
-                    Some(data) => chunk = data,
-                    None if at_end => return Err("the stored file ended twice".into()),
-                    None => {
-                        chunk = Vec::new();
-                        at_end = true;
-                    }
-                }
-                (position, seq) = (0, seq + 1);
+    let mut file = StoredFile::new(&context.db, import.id);
+    let header = file
+        .next_record()
+        .await?
+        .ok_or("the stored file is empty")?;
+    let has_note = check_header(header.fields()).ok_or("the stored file has no header")?;
+    let mut batch = Batch::after(import.processed_rows);
+    let mut row = 0;
+    while let Some(record) = file.next_record().await? {
+        row += 1;
+        // Rows up to the checkpoint were staged by an earlier run.
+        if row > import.processed_rows {
+            batch.add(parse_row(row, record.fields(), has_note));
+            if batch.rows == STAGE_BATCH_ROWS {
+                batch.commit(context, import.id, row).await?;
             }
-            Step::Record => {
-                let Some(has_note) = has_note else {
-                    has_note = Some(
-                        check_header(records.fields()).ok_or("the stored file has no header")?,
-                    );
-                    continue;
-                };
-                row += 1;
-                if row <= already {
-                    continue;
-                }
-                let parsed = parse_row(row, records.fields(), has_note);
-                staged.extend(parsed.staged);
-                errors.extend(parsed.errors);
-                pending += 1;
-                if pending == STAGE_BATCH_ROWS {
-                    commit_batch(context, import.id, &mut staged, &mut errors, committed, row)
-                        .await?;
-                    (pending, committed) = (0, row);
-                }
-            }
-            Step::End => break,
         }
     }
-    let through = row.max(already);
-    commit_batch(
-        context,
-        import.id,
-        &mut staged,
-        &mut errors,
-        committed,
-        through,
-    )
-    .await
+    if row != import.total_rows {
+        // The upload counted the rows; another count means the stored file is not the one that
+        // was uploaded. Fail loudly rather than import part of it.
+        return Err(format!(
+            "the stored file has {row} rows, the upload had {}",
+            import.total_rows
+        )
+        .into());
+    }
+    batch.commit(context, import.id, row).await
 }
 
-async fn commit_batch(
-    context: &Context,
+/// The stored upload, read back chunk by chunk as CSV records.
+struct StoredFile<'a> {
+    db: &'a PgPool,
     import_id: Uuid,
-    staged: &mut Vec<StagedRow>,
-    errors: &mut Vec<RowError>,
-    from_row: i32,
-    through_row: i32,
-) -> Result<(), JobError> {
-    let mut tx = context.db.begin().await?;
-    if store::lock_checkpoints(&mut tx, import_id).await?.0 != from_row {
-        return Err(Superseded.into());
+    records: Records,
+    chunk: Vec<u8>,
+    position: usize,
+    next_seq: i32,
+    at_end: bool,
+}
+
+impl<'a> StoredFile<'a> {
+    fn new(db: &'a PgPool, import_id: Uuid) -> Self {
+        StoredFile {
+            db,
+            import_id,
+            records: Records::default(),
+            chunk: Vec::new(),
+            position: 0,
+            next_seq: 0,
+            at_end: false,
+        }
     }
-    store::stage_batch(&mut tx, import_id, staged, errors, through_row).await?;
-    tx.commit().await?;
-    staged.clear();
-    errors.clear();
-    if context.stop.is_cancelled() {
-        return Err(Released.into());
+
+    /// The next complete record, fetching chunks as needed; `None` at the end of the file.
+    async fn next_record(&mut self) -> Result<Option<&Records>, JobError> {
+        loop {
+            let mut input = &self.chunk[self.position..];
+            let step = self.records.read(&mut input, self.at_end)?;
+            self.position = self.chunk.len() - input.len();
+            match step {
+                Step::Record => return Ok(Some(&self.records)),
+                Step::End => return Ok(None),
+                Step::NeedInput if self.at_end => return Err("the stored file ended twice".into()),
+                Step::NeedInput => {
+                    match store::chunk(self.db, self.import_id, self.next_seq).await? {
+                        Some(data) => self.chunk = data,
+                        None => {
+                            self.chunk.clear();
+                            self.at_end = true;
+                        }
+                    }
+                    self.position = 0;
+                    self.next_seq += 1;
+                }
+            }
+        }
     }
-    Ok(())
+}
+
+/// Rows parsed since the last commit, and the checkpoint that commit left.
+struct Batch {
+    staged: Vec<StagedRow>,
+    errors: Vec<RowError>,
+    rows: usize,
+    committed_through: i32,
+}
+
+impl Batch {
+    fn after(committed_through: i32) -> Self {
+        Batch {
+            staged: Vec::with_capacity(STAGE_BATCH_ROWS),
+            errors: Vec::new(),
+            rows: 0,
+            committed_through,
+        }
+    }
+
+    fn add(&mut self, parsed: ParsedRow) {
+        self.staged.extend(parsed.staged);
+        self.errors.extend(parsed.errors);
+        self.rows += 1;
+    }
+
+    /// Stages the batch and moves the checkpoint to `through_row`, in one transaction, if the
+    /// checkpoint is still where this run left it; then stops if the worker is shutting down.
+    async fn commit(
+        &mut self,
+        context: &Context,
+        import_id: Uuid,
+        through_row: i32,
+    ) -> Result<(), JobError> {
+        let mut tx = context.db.begin().await?;
+        if store::lock_checkpoints(&mut tx, import_id).await?.0 != self.committed_through {
+            return Err(Superseded.into());
+        }
+        store::stage_batch(&mut tx, import_id, &self.staged, &self.errors, through_row).await?;
+        tx.commit().await?;
+        self.staged.clear();
+        self.errors.clear();
+        self.rows = 0;
+        self.committed_through = through_row;
+        if context.stop.is_cancelled() {
+            return Err(Released.into());
+        }
+        Ok(())
+    }
 }
 
 /// Step 2: turn the staged rows into orders, a range of external_refs per transaction.

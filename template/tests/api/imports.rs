@@ -782,3 +782,31 @@ async fn the_kill_switch_turns_imports_off_and_nothing_else(db: PgPool) {
         .unwrap();
     assert_eq!(orders.status(), StatusCode::OK);
 }
+
+#[sqlx::test]
+async fn a_stored_file_that_lost_rows_fails_the_import_instead_of_importing_part(db: PgPool) {
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let accepted: Value = upload(&app, &token, csv(10, 1), "truncated")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id: uuid::Uuid = accepted["id"].as_str().unwrap().parse().unwrap();
+    // The stored copy now holds one row of the ten the upload counted.
+    sqlx::query("UPDATE import_files SET data = convert_to($2, 'UTF8') WHERE import_id = $1")
+        .bind(id)
+        .bind(format!("{HEADER}PO-1,EUR,A,1,1,\n"))
+        .execute(&db)
+        .await
+        .unwrap();
+    let worker = start_worker(&db, &[("JOB_MAX_ATTEMPTS", "1")]).await;
+    let done = finished(&app, &token, &id.to_string()).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(orders, 0, "nothing of the partial file was imported");
+    terminate(&worker);
+}
