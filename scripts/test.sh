@@ -20,6 +20,9 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 export CARGO_INCREMENTAL=0
 # The service's local mode: a built-in development SECRET_KEY instead of refusing to start.
 export APP_ENV=development
+# cargo-generate names the author from git's user.name, or else $USER; a fresh machine or a
+# container may have neither.
+export USER=${USER:-$(id -un)}
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 step "Installing tools"

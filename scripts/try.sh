@@ -18,6 +18,9 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 say() { printf '==> %s\n' "$*" >&2; }
 # Local mode: the service uses a built-in development SECRET_KEY instead of refusing to start.
 export APP_ENV=development
+# cargo-generate names the author from git's user.name, or else $USER; a fresh machine or a
+# container may have neither.
+export USER=${USER:-$(id -un)}
 
 bash "$root/scripts/install-cargo-generate.sh" >&2
 
