@@ -81,6 +81,7 @@ python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==
   --strict --kubernetes-version 1.30.0 deploy/kubernetes/*.yaml
 
 step "cargo deny check licenses bans sources (the dependency policy in deny.toml; advisories need the network and run in the generated CI)"
+cargo fetch --locked --quiet
 cargo deny --offline --log-level error check licenses bans sources
 
 step "cargo clippy --all-targets -- -D warnings (offline: no database)"
