@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
 use crate::problem::{ErrorCode, Problem};
 
 pub const DEFAULT_LIMIT: i64 = 20;
@@ -160,6 +163,26 @@ fn signed_message(position: &[u8], binding: &str) -> Vec<u8> {
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+impl<T: Serialize> Page<T> {
+    /// The page as a response, with `Link: <next>; rel="next"` when there is a next page.
+    /// `list_url` is the list's path and query without `cursor` (`/v1/orders?limit=20`). A
+    /// relative reference (RFC 8288 §3.1) resolves against the request URL, so it needs no trust
+    /// in the Host header.
+    pub fn into_response_with_link(self, list_url: &str) -> Result<Response, Problem> {
+        let link = self
+            .next_cursor
+            .as_ref()
+            .map(|cursor| format!("<{list_url}&cursor={cursor}>; rel=\"next\""));
+        let mut response = crate::extract::Json(self).into_response();
+        if let Some(link) = link {
+            response
+                .headers_mut()
+                .insert(header::LINK, link.parse().map_err(Problem::internal)?);
+        }
+        Ok(response)
+    }
 }
 
 /// Cuts a fetched `limit + 1` rows down to the page, returning the key of its last row when there

@@ -287,12 +287,14 @@ pub async fn list_imports(
         id: import.id,
     });
     let next = last.map(|position| state.cursors.encode(position, &binding));
-    page_response(
-        imports.into_iter().map(ImportView::from).collect(),
-        next,
-        "/v1/imports",
-        request.limit,
-    )
+    Page {
+        data: imports
+            .into_iter()
+            .map(ImportView::from)
+            .collect::<Vec<_>>(),
+        next_cursor: next,
+    }
+    .into_response_with_link(&format!("/v1/imports?limit={}", request.limit))
 }
 
 /// One import and its progress. While it is `queued` or `running`, `Retry-After` says when to
@@ -361,28 +363,9 @@ pub async fn list_import_errors(
             message: error.message,
         })
         .collect();
-    page_response(
+    Page {
         data,
-        next,
-        &format!("/v1/imports/{id}/errors"),
-        request.limit,
-    )
-}
-
-fn page_response<T: Serialize>(
-    data: Vec<T>,
-    next_cursor: Option<String>,
-    path: &str,
-    limit: i64,
-) -> Result<Response, Problem> {
-    let link = next_cursor
-        .as_ref()
-        .map(|cursor| format!("<{path}?limit={limit}&cursor={cursor}>; rel=\"next\""));
-    let mut response = Json(Page { data, next_cursor }).into_response();
-    if let Some(link) = link {
-        response
-            .headers_mut()
-            .insert(header::LINK, link.parse().map_err(Problem::internal)?);
+        next_cursor: next,
     }
-    Ok(response)
+    .into_response_with_link(&format!("/v1/imports/{id}/errors?limit={}", request.limit))
 }

@@ -22,7 +22,7 @@ use validator::{Validate, ValidationError};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::conditional::{self, IfMatch, IfNoneMatch};
-use crate::extract::{Json, Path, Query};
+use crate::extract::{Path, Query};
 use crate::idempotency::{Idempotency, Outcome};
 use crate::pagination::{Keyset, Page, PageParams, split_page};
 use crate::problem::{ErrorCode, Problem};
@@ -370,26 +370,15 @@ pub async fn list_orders(
         created_at: order.created_at,
         id: order.id,
     });
-    let next_cursor = last.map(|position| state.cursors.encode(position, &binding));
-
-    let mut response = Json(Page {
-        data: orders.into_iter().map(OrderView::from).collect::<Vec<_>>(),
-        next_cursor: next_cursor.clone(),
-    })
-    .into_response();
-    if let Some(cursor) = next_cursor {
-        // A relative reference (RFC 8288 §3.1) resolves against the request URL, so it needs no
-        // trust in the Host header.
-        let mut next = format!("/v1/orders?limit={}&cursor={cursor}", request.limit);
-        if let Some(status) = filter.status {
-            next.push_str(&format!("&status={status}"));
-        }
-        let link = format!("<{next}>; rel=\"next\"");
-        response
-            .headers_mut()
-            .insert(header::LINK, link.parse().map_err(Problem::internal)?);
+    let mut list_url = format!("/v1/orders?limit={}", request.limit);
+    if let Some(status) = filter.status {
+        list_url.push_str(&format!("&status={status}"));
     }
-    Ok(response)
+    Page {
+        data: orders.into_iter().map(OrderView::from).collect::<Vec<_>>(),
+        next_cursor: last.map(|position| state.cursors.encode(position, &binding)),
+    }
+    .into_response_with_link(&list_url)
 }
 
 /// Get one order. Send `If-None-Match` with its `ETag` to get 304 when it is unchanged.

@@ -176,6 +176,17 @@ impl TestApp {
             .to_owned()
     }
 
+    /// `GET path` with a bearer token, its body as JSON.
+    pub async fn get_json(&self, path: &str, token: &str) -> serde_json::Value {
+        self.call(reqwest::Method::GET, path, token)
+            .send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// A request to the public API with a bearer token.
     pub fn call(
         &self,

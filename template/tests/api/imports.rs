@@ -58,13 +58,7 @@ async fn upload(
 }
 
 async fn import_of(app: &TestApp, token: &str, id: &str) -> Value {
-    app.call(Method::GET, &format!("/v1/imports/{id}"), token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_json(&format!("/v1/imports/{id}"), token).await
 }
 
 /// Polls the import until it is finished.
@@ -90,6 +84,14 @@ async fn finished(app: &TestApp, token: &str, id: &str) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// How many import jobs there are, and the most attempts any of them took.
+pub(crate) async fn import_jobs(db: &PgPool) -> (i64, i32) {
+    sqlx::query_as("SELECT count(*), max(attempts) FROM apalis.jobs WHERE job_type = 'imports'")
+        .fetch_one(db)
+        .await
+        .unwrap()
 }
 
 /// An order as (external_ref, total, [(sku, quantity, unit price)]).
@@ -172,13 +174,8 @@ async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgP
     assert!(done["finished_at"].is_string());
 
     let errors: Value = app
-        .call(Method::GET, &format!("/v1/imports/{id}/errors"), &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/imports/{id}/errors"), &token)
+        .await;
     let errors: Vec<(i64, &str, &str)> = errors["data"]
         .as_array()
         .unwrap()
@@ -367,6 +364,12 @@ async fn a_retried_upload_replays_and_the_cap_on_active_imports_holds(db: PgPool
     assert!(third.headers().contains_key("retry-after"));
     let body: Value = third.json().await.unwrap();
     assert_eq!(body["code"], "too_many_imports");
+    // With no worker running, the two queued jobs show as queue depth (the queue-lag alert's input).
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("job_queue_depth{queue=\"imports\"} 2"),
+        "{metrics}"
+    );
 
     let (imports, files): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM imports), (SELECT count(DISTINCT import_id) FROM import_files)",
@@ -390,23 +393,9 @@ async fn a_retried_upload_replays_and_the_cap_on_active_imports_holds(db: PgPool
         let response = app.call(Method::GET, &path, &other).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
     }
-    let list: Value = app
-        .call(Method::GET, "/v1/imports", &other)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/v1/imports", &other).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);
-    let mine: Value = app
-        .call(Method::GET, "/v1/imports?limit=1", &token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mine: Value = app.get_json("/v1/imports?limit=1", &token).await;
     assert_eq!(mine["data"].as_array().unwrap().len(), 1);
     assert!(mine["next_cursor"].is_string());
 }
@@ -440,14 +429,7 @@ async fn row_errors_are_served_in_pages(db: PgPool) {
     let mut rows = Vec::new();
     let mut path = format!("/v1/imports/{id}/errors?limit=5");
     loop {
-        let page: Value = app
-            .call(Method::GET, &path, &token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = app.get_json(&path, &token).await;
         rows.extend(
             page["data"]
                 .as_array()
@@ -576,11 +558,7 @@ async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
         orders_of(&db, user.id).await,
         orders_of(&db, reference_user.id).await
     );
-    let attempts: i32 =
-        sqlx::query_scalar("SELECT max(attempts) FROM apalis.jobs WHERE job_type = 'imports'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let (_, attempts) = import_jobs(&db).await;
     assert!(attempts >= 3, "the job ran three times: {attempts}");
     terminate(&worker);
 }
@@ -691,13 +669,7 @@ async fn several_workers_share_one_queue_and_run_each_job_once(db: PgPool) {
             (Some("succeeded"), Some(100))
         );
     }
-    let (jobs, max_attempts): (i64, i32) = sqlx::query_as(
-        "SELECT count(*), max(attempts) FROM apalis.jobs WHERE job_type = 'imports'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!((jobs, max_attempts), (9, 1), "each job ran exactly once");
+    assert_eq!(import_jobs(&db).await, (9, 1), "each job ran exactly once");
     assert_eq!(orders_of(&db, user.id).await.len(), 900);
     for worker in &workers {
         terminate(worker);
@@ -808,5 +780,98 @@ async fn a_stored_file_that_lost_rows_fails_the_import_instead_of_importing_part
         .await
         .unwrap();
     assert_eq!(orders, 0, "nothing of the partial file was imported");
+    terminate(&worker);
+}
+
+/// A body that arrives in `chunks` pieces, `pause` apart, as a slow client sends it.
+fn slow_body(chunks: usize, pause: Duration) -> reqwest::Body {
+    let mut lines = csv(chunks, 1).into_bytes();
+    let header_end = HEADER.len();
+    let mut pieces = vec![lines.drain(..header_end).collect::<Vec<u8>>()];
+    pieces.extend(
+        lines
+            .chunks(lines.len().div_ceil(chunks).max(1))
+            .map(<[u8]>::to_vec),
+    );
+    let stream = futures::stream::unfold(pieces.into_iter(), move |mut pieces| async move {
+        let piece = pieces.next()?;
+        tokio::time::sleep(pause).await;
+        Some((Ok::<_, std::io::Error>(piece), pieces))
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+#[sqlx::test]
+async fn an_upload_gets_its_own_timeout_not_the_request_timeout(db: PgPool) {
+    let db = with_job_queue(db).await;
+    let patient = import_config(&[
+        ("REQUEST_TIMEOUT_SECS", "1"),
+        ("IMPORT_UPLOAD_TIMEOUT_SECS", "30"),
+    ]);
+    let app = TestApp::spawn_with(db.clone(), patient).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let slow = upload(
+        &app,
+        &token,
+        slow_body(4, Duration::from_millis(400)),
+        "slow",
+    )
+    .await;
+    assert_eq!(
+        slow.status(),
+        StatusCode::ACCEPTED,
+        "2 s of upload under a 1 s request timeout"
+    );
+
+    let strict = import_config(&[("IMPORT_UPLOAD_TIMEOUT_SECS", "1")]);
+    let app = TestApp::spawn_with(db, strict).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let too_slow = upload(
+        &app,
+        &token,
+        slow_body(4, Duration::from_millis(400)),
+        "too-slow",
+    )
+    .await;
+    assert_eq!(too_slow.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = too_slow.json().await.unwrap();
+    assert_eq!(body["code"], "timeout");
+}
+
+#[sqlx::test]
+async fn an_import_that_lost_its_job_gets_a_new_one_from_the_cleanup(db: PgPool) {
+    let db = with_job_queue(db).await;
+    let config = import_config(&[]);
+    let app = TestApp::spawn_with(db.clone(), config.clone()).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let accepted: Value = upload(&app, &token, csv(3, 1), "lost")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id: uuid::Uuid = accepted["id"].as_str().unwrap().parse().unwrap();
+    // Its job is gone, and it has been queued for longer than a commit can take.
+    sqlx::query("DELETE FROM apalis.jobs")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE imports SET created_at = now() - interval '1 hour' WHERE id = $1")
+        .bind(id)
+        .execute(&db)
+        .await
+        .unwrap();
+    service::imports::job::requeue_lost(&db, &config)
+        .await
+        .unwrap();
+    assert_eq!(import_jobs(&db).await.0, 1, "a fresh job");
+    // Once it has one, the cleanup leaves it alone.
+    service::imports::job::requeue_lost(&db, &config)
+        .await
+        .unwrap();
+    assert_eq!(import_jobs(&db).await.0, 1);
+
+    let worker = start_worker(&db, &[]).await;
+    let done = finished(&app, &token, &id.to_string()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
     terminate(&worker);
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::cli::{create_customer, login, serve, terminate};
 use crate::harness::{client, with_job_queue};
-use crate::imports::{csv, start_worker};
+use crate::imports::{csv, import_jobs, start_worker};
 
 /// Starts one `serve` process with `vars`; its logs are drained so it never blocks on them.
 async fn instance(db: &PgPool, vars: &[(&str, &str)]) -> (Child, String) {
@@ -135,13 +135,7 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let (jobs, attempts): (i64, i32) = sqlx::query_as(
-        "SELECT count(*), max(attempts) FROM apalis.jobs WHERE job_type = 'imports'",
-    )
-    .fetch_one(&db)
-    .await
-    .unwrap();
-    assert_eq!((jobs, attempts), (4, 1), "each job ran once");
+    assert_eq!(import_jobs(&db).await, (4, 1), "each job ran once");
 
     // One rate limit across both instances, for a fresh principal: 40 a minute in all.
     create_customer(&db, "limited@example.com").await;
