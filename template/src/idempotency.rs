@@ -173,6 +173,16 @@ fn header_pairs(headers: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> 
         .collect()
 }
 
+/// Begins the transaction of a request with a key. An in-flight duplicate holds the key's
+/// unique-index entry until its transaction ends; the claim waits for it only briefly, because the
+/// point is to tell the client to come back, not to hold a connection. (A lock timeout aborts the
+/// transaction, which is what we want then.)
+const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
+
+/// Once the key is ours: the effect's own lock waits are not cut short, and a savepoint lets a
+/// client error roll the effect back while keeping the key.
+const CLAIMED: &str = "SET LOCAL lock_timeout TO DEFAULT; SAVEPOINT effect";
+
 impl Idempotency {
     /// 400 `idempotency_key_required` unless a key was sent.
     pub fn require_key(&self) -> Result<(), Problem> {
@@ -196,20 +206,22 @@ impl Idempotency {
         body_digest: &[u8],
         effect: impl AsyncFnOnce(&mut PgConnection) -> Result<Outcome, Problem>,
     ) -> Result<Response, Problem> {
-        let mut tx = db.begin().await?;
         let Some(key) = &self.key else {
+            let mut tx = db.begin().await?;
             let outcome = effect(&mut tx).await?;
             tx.commit().await?;
             return Ok(outcome.into_response());
         };
+        // The statements around the claim are sent two at a time (one round trip each): a key
+        // costs the write it guards three round trips, not five.
+        let mut tx = db.begin_with(CLAIM_BEGIN).await?;
         let fingerprint = self.fingerprint(body_digest);
         if let Some(replay) = self.claim(&mut tx, principal, key, &fingerprint).await? {
             return Ok(replay);
         }
-
-        // Whatever the effect writes before it fails with a client error is undone, so that the
-        // stored error is all that the key commits.
-        sqlx::query("SAVEPOINT effect").execute(&mut *tx).await?;
+        // Whatever the effect writes before it fails with a client error is undone (back to the
+        // savepoint), so that the stored error is all that the key commits.
+        sqlx::raw_sql(CLAIMED).execute(&mut *tx).await?;
         let result = effect(&mut tx).await;
         let stored = match &result {
             Ok(outcome) => Stored::Success {
@@ -265,7 +277,8 @@ impl Idempotency {
     }
 
     /// Inserts the key, or explains why this request must not run: `Some(replay)` for a finished
-    /// duplicate, an error for a reused or in-flight key.
+    /// duplicate, an error for a reused or in-flight key. Runs in a transaction begun with
+    /// [`CLAIM_BEGIN`].
     #[tracing::instrument(name = "idempotency.claim", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
     async fn claim(
         &self,
@@ -274,12 +287,6 @@ impl Idempotency {
         key: &str,
         fingerprint: &[u8],
     ) -> Result<Option<Response>, Problem> {
-        // An in-flight duplicate holds the key's unique-index entry until its transaction ends.
-        // Wait for it only briefly: the point is to tell the client to come back, not to hold a
-        // connection. (A lock timeout aborts the transaction, which is what we want then.)
-        sqlx::query("SET LOCAL lock_timeout = '100ms'")
-            .execute(&mut *conn)
-            .await?;
         let inserted = sqlx::query!(
             "INSERT INTO idempotency_keys (principal_id, method, route, key, fingerprint)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -292,12 +299,7 @@ impl Idempotency {
         .execute(&mut *conn)
         .await;
         match inserted {
-            Ok(done) if done.rows_affected() == 1 => {
-                sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
-                    .execute(&mut *conn)
-                    .await?;
-                return Ok(None);
-            }
+            Ok(done) if done.rows_affected() == 1 => return Ok(None),
             Ok(_) => {}
             Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
                 return Err(in_use());

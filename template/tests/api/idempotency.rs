@@ -170,6 +170,33 @@ async fn a_request_with_a_key_still_in_flight_gets_409(db: PgPool) {
 }
 
 #[sqlx::test]
+async fn the_short_wait_covers_only_the_claim_not_the_locks_the_effect_waits_for(db: PgPool) {
+    let app = TestApp::spawn(db).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let (order, etag) = create(&app, &token).await;
+    let id: uuid::Uuid = order["id"].as_str().unwrap().parse().unwrap();
+    // Another transaction holds the order's row for longer than the claim's 100 ms lock timeout.
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let submit = app
+        .call(Method::POST, &format!("/v1/orders/{id}/submit"), &token)
+        .header("idempotency-key", "waits")
+        .header("if-match", &etag)
+        .send();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        holder.commit().await.unwrap();
+    };
+    let (submitted, ()) = tokio::join!(submit, release);
+    // The submit waited for the row and then ran, instead of failing on the key's lock timeout.
+    assert_eq!(submitted.unwrap().status(), StatusCode::OK);
+}
+
+#[sqlx::test]
 async fn a_replay_returns_the_stored_response_even_after_the_order_changed(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let (_, token) = app.token_for(Role::Customer).await;
