@@ -147,7 +147,7 @@ pub struct LogConfig {
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP base URL, e.g. `http://collector:4318`): where
     /// traces are exported; unset, no traces are exported and problems carry no `trace_id`.
     pub otlp_endpoint: Option<String>,
-    /// Cap on every outbound HTTP call the service makes (trace export today, webhooks later)
+    /// Cap on every outbound HTTP call the service makes (trace export, the import webhook)
     /// (`OUTBOUND_HTTP_TIMEOUT_MS`).
     pub outbound_timeout: Duration,
 }

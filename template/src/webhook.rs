@@ -161,7 +161,12 @@ impl Webhook {
         let result = match request.send().await {
             Ok(response) if response.status().is_success() => Ok(()),
             Ok(response) => Err(DeliveryError::Status(response.status())),
-            Err(error) => Err(DeliveryError::Transport(error.without_url())),
+            // A name that resolves only to private addresses is refused like a private address
+            // written in the URL: a configuration error, not a failure of the partner.
+            Err(error) => match refusal(&error) {
+                Some(refused) => return Err(DeliveryError::Forbidden(refused)),
+                None => Err(DeliveryError::Transport(error.without_url())),
+            },
         };
         self.breaker.record(result.is_ok());
         result
@@ -229,6 +234,23 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     }
 }
 
+/// The address filter's refusal of a name.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves to no public address")]
+struct NoPublicAddress(String);
+
+/// The filter's refusal, if that is what failed the call (it arrives wrapped by the client).
+fn refusal(error: &reqwest::Error) -> Option<String> {
+    let mut source = std::error::Error::source(error);
+    while let Some(error) = source {
+        if let Some(refused) = error.downcast_ref::<NoPublicAddress>() {
+            return Some(refused.to_string());
+        }
+        source = error.source();
+    }
+    None
+}
+
 /// Resolves names as usual, then keeps only public addresses; a name with none fails.
 #[derive(Debug)]
 struct PublicAddressesOnly;
@@ -242,7 +264,7 @@ impl Resolve for PublicAddressesOnly {
                 .filter(|address| is_public(address.ip()))
                 .collect();
             if addresses.is_empty() {
-                return Err(format!("{host} resolves to no public address").into());
+                return Err(NoPublicAddress(host).into());
             }
             Ok(Box::new(addresses.into_iter()) as Addrs)
         })
@@ -488,10 +510,15 @@ mod tests {
             CircuitBreaker::new(5, Duration::from_secs(1)),
         )
         .unwrap();
-        let error = named.send(&notification).await.unwrap_err();
-        assert!(
-            format!("{:?}", error).contains("no public address"),
-            "a name resolving to loopback is refused: {error:?}"
-        );
+        // A name resolving to loopback is refused the same way: not retried, and not counted
+        // against the partner by the breaker.
+        for _ in 0..5 {
+            let error = named.send(&notification).await.unwrap_err();
+            assert!(
+                matches!(&error, DeliveryError::Forbidden(reason) if reason.contains("no public address")),
+                "{error:?}"
+            );
+        }
+        assert!(named.breaker.allow().is_ok(), "the circuit stayed closed");
     }
 }
