@@ -491,6 +491,19 @@ impl Reader<'_> {
         let max_active_per_user = self.parse_in_range("IMPORT_MAX_ACTIVE_PER_USER", 3, 1..=1000);
         let webhook_url = self.webhook_url("IMPORT_WEBHOOK_URL");
         let webhook_allow_private = self.parse_or("WEBHOOK_ALLOW_PRIVATE_TARGETS", "false");
+        // An address written in the URL cannot change: refuse a private one now, not at the
+        // first delivery. (A name is checked when it is resolved, on every call.)
+        let webhook_url = match (webhook_url, webhook_allow_private) {
+            (Some(Some(url)), Some(false))
+                if crate::webhook::literal_ip(&url).is_some_and(|ip| !crate::webhook::is_public(ip)) =>
+            {
+                self.fail(
+                    "IMPORT_WEBHOOK_URL",
+                    "is not a public address; WEBHOOK_ALLOW_PRIVATE_TARGETS=true allows it (local development)".into(),
+                )
+            }
+            (url, _) => url,
+        };
         let breaker_failures = self.parse_in_range("WEBHOOK_BREAKER_FAILURES", 5, 1..=1000);
         let breaker_cooldown = self.seconds("WEBHOOK_BREAKER_COOLDOWN_SECS", 30);
         Some(ImportsConfig {
@@ -822,6 +835,46 @@ mod tests {
         );
         let development = Config::from_map(&vars(&[database, ("APP_ENV", "development")])).unwrap();
         assert_eq!(development.environment, Environment::Development);
+    }
+
+    #[test]
+    fn a_webhook_url_with_a_private_address_is_refused_unless_allowed() {
+        let required = [
+            ("DATABASE_URL", "postgres://localhost/app"),
+            ("SECRET_KEY", SECRET),
+        ];
+        for private in [
+            "http://127.0.0.1:9000/hook",
+            "http://[::1]/hook",
+            "http://169.254.169.254/",
+        ] {
+            let refused = Config::from_map(&vars(&[
+                required[0],
+                required[1],
+                ("IMPORT_WEBHOOK_URL", private),
+            ]))
+            .unwrap_err();
+            assert!(
+                refused
+                    .to_string()
+                    .contains("IMPORT_WEBHOOK_URL: is not a public address"),
+                "{private}: {refused}"
+            );
+            let allowed = Config::from_map(&vars(&[
+                required[0],
+                required[1],
+                ("IMPORT_WEBHOOK_URL", private),
+                ("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true"),
+            ]));
+            assert!(allowed.is_ok(), "{private}");
+        }
+        // Names are checked when resolved, at every call.
+        let named = Config::from_map(&vars(&[
+            required[0],
+            required[1],
+            ("IMPORT_WEBHOOK_URL", "https://partner.example/hook"),
+        ]));
+        assert!(named.is_ok());
     }
 
     #[test]

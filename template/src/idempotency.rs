@@ -176,12 +176,13 @@ fn header_pairs(headers: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> 
 /// Begins the transaction of a request with a key. An in-flight duplicate holds the key's
 /// unique-index entry until its transaction ends; the claim waits for it only briefly, because the
 /// point is to tell the client to come back, not to hold a connection. (A lock timeout aborts the
-/// transaction, which is what we want then.)
-const CLAIM_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
+/// transaction, which is what we want then.) Both statements go in one round trip.
+const BEGIN_WITH_SHORT_LOCK_WAIT: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
 
 /// Once the key is ours: the effect's own lock waits are not cut short, and a savepoint lets a
-/// client error roll the effect back while keeping the key.
-const CLAIMED: &str = "SET LOCAL lock_timeout TO DEFAULT; SAVEPOINT effect";
+/// client error roll the effect back while keeping the key. The reset comes before the savepoint
+/// so that rolling back to it keeps the reset. One round trip.
+const RESET_LOCK_WAIT_AND_SAVEPOINT: &str = "SET LOCAL lock_timeout TO DEFAULT; SAVEPOINT effect";
 
 impl Idempotency {
     /// 400 `idempotency_key_required` unless a key was sent.
@@ -212,16 +213,16 @@ impl Idempotency {
             tx.commit().await?;
             return Ok(outcome.into_response());
         };
-        // The statements around the claim are sent two at a time (one round trip each): a key
-        // costs the write it guards three round trips, not five.
-        let mut tx = db.begin_with(CLAIM_BEGIN).await?;
+        let mut tx = db.begin_with(BEGIN_WITH_SHORT_LOCK_WAIT).await?;
         let fingerprint = self.fingerprint(body_digest);
         if let Some(replay) = self.claim(&mut tx, principal, key, &fingerprint).await? {
             return Ok(replay);
         }
         // Whatever the effect writes before it fails with a client error is undone (back to the
         // savepoint), so that the stored error is all that the key commits.
-        sqlx::raw_sql(CLAIMED).execute(&mut *tx).await?;
+        sqlx::raw_sql(RESET_LOCK_WAIT_AND_SAVEPOINT)
+            .execute(&mut *tx)
+            .await?;
         let result = effect(&mut tx).await;
         let stored = match &result {
             Ok(outcome) => Stored::Success {
@@ -277,8 +278,8 @@ impl Idempotency {
     }
 
     /// Inserts the key, or explains why this request must not run: `Some(replay)` for a finished
-    /// duplicate, an error for a reused or in-flight key. Runs in a transaction begun with
-    /// [`CLAIM_BEGIN`].
+    /// duplicate, an error for a reused or in-flight key. `conn` must be in a transaction begun
+    /// with [`BEGIN_WITH_SHORT_LOCK_WAIT`], or an in-flight duplicate is waited for in full.
     #[tracing::instrument(name = "idempotency.claim", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
     async fn claim(
         &self,

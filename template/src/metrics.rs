@@ -128,7 +128,7 @@ fn describe() {
     );
     describe_counter!(
         crate::webhook::DELIVERIES,
-        "Webhook calls, by outcome (delivered, failed, short_circuited)."
+        "Webhook calls, by outcome (delivered, failed, short_circuited, forbidden)."
     );
     describe_gauge!(
         crate::webhook::CIRCUIT_OPEN,

@@ -80,6 +80,9 @@ pub enum DeliveryError {
     },
     #[error("the target is not allowed: {0}")]
     Forbidden(String),
+    /// Retried (a DNS answer can change) but not counted against the partner by the breaker.
+    #[error("{0} resolves to no public address")]
+    NoPublicAddress(String),
     #[error("the receiver answered {0}")]
     Status(reqwest::StatusCode),
     #[error("the call failed: {0}")]
@@ -123,10 +126,12 @@ impl Webhook {
 
     pub async fn send(&self, notification: &Notification) -> Result<(), DeliveryError> {
         // An address written in the URL is not resolved, so the filter must see it here.
+        // (The configuration refuses such a URL at startup; this is the last line of defence.)
         if !self.allow_private
             && let Some(ip) = literal_ip(&self.url)
             && !is_public(ip)
         {
+            metrics::counter!(DELIVERIES, "outcome" => "forbidden").increment(1);
             return Err(DeliveryError::Forbidden(format!(
                 "{ip} is not a public address"
             )));
@@ -161,10 +166,14 @@ impl Webhook {
         let result = match request.send().await {
             Ok(response) if response.status().is_success() => Ok(()),
             Ok(response) => Err(DeliveryError::Status(response.status())),
-            // A name that resolves only to private addresses is refused like a private address
-            // written in the URL: a configuration error, not a failure of the partner.
+            // A name that resolves only to private addresses says nothing about the partner's
+            // health: the breaker does not count it, and a trial it used up is given back.
             Err(error) => match refusal(&error) {
-                Some(refused) => return Err(DeliveryError::Forbidden(refused)),
+                Some(host) => {
+                    metrics::counter!(DELIVERIES, "outcome" => "forbidden").increment(1);
+                    self.breaker.release_trial();
+                    return Err(DeliveryError::NoPublicAddress(host));
+                }
                 None => Err(DeliveryError::Transport(error.without_url())),
             },
         };
@@ -173,7 +182,7 @@ impl Webhook {
     }
 }
 
-fn literal_ip(url: &Url) -> Option<IpAddr> {
+pub(crate) fn literal_ip(url: &Url) -> Option<IpAddr> {
     let host = url.host_str()?;
     host.trim_start_matches('[')
         .trim_end_matches(']')
@@ -234,17 +243,23 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     }
 }
 
-/// The address filter's refusal of a name.
+/// The address filter's refusal of a name (the name).
 #[derive(Debug, thiserror::Error)]
 #[error("{0} resolves to no public address")]
 struct NoPublicAddress(String);
 
-/// The filter's refusal, if that is what failed the call (it arrives wrapped by the client).
+/// The refused name, if the filter is what failed the call. The refusal arrives wrapped by the
+/// client's layers; an `io::Error` among them hides its inner error from `source()`, so that is
+/// looked into too.
 fn refusal(error: &reqwest::Error) -> Option<String> {
     let mut source = std::error::Error::source(error);
     while let Some(error) = source {
-        if let Some(refused) = error.downcast_ref::<NoPublicAddress>() {
-            return Some(refused.to_string());
+        let inner = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .map_or(error, |inner| inner as &(dyn std::error::Error + 'static));
+        if let Some(NoPublicAddress(host)) = inner.downcast_ref::<NoPublicAddress>() {
+            return Some(host.clone());
         }
         source = error.source();
     }
@@ -315,6 +330,17 @@ impl CircuitBreaker {
                 Ok(())
             }
             None => Ok(()),
+        }
+    }
+
+    /// Ends a half-open trial without a verdict: the next call is the trial again.
+    fn release_trial(&self) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.open_until.is_some() {
+            state.open_until = Some(Instant::now());
         }
     }
 
@@ -405,7 +431,7 @@ async fn deliver(
                 .await?;
                 Err(jobs::Released.into())
             }
-            // Retrying cannot make a forbidden target allowed; say so loudly, once.
+            // Retrying cannot make an address in the URL public; say so loudly, once.
             Err(error @ DeliveryError::Forbidden(_)) => {
                 tracing::error!(%error, import_id = %notification.import_id, "webhook not sent");
                 Ok(())
@@ -477,6 +503,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert!(breaker.allow().is_ok(), "the trial after the cooldown");
         assert!(breaker.allow().is_err(), "only one trial at a time");
+        breaker.release_trial();
+        assert!(
+            breaker.allow().is_ok(),
+            "a trial given back is the next call's"
+        );
         breaker.record(true);
         assert!(breaker.allow().is_ok(), "a good trial closes the circuit");
     }
@@ -503,22 +534,27 @@ mod tests {
         };
         let error = webhook.send(&notification).await.unwrap_err();
         assert!(matches!(error, DeliveryError::Forbidden(_)), "{error}");
-        let named = Webhook::new(
-            "http://localhost:9/hook".parse().unwrap(),
-            Duration::from_secs(1),
-            false,
-            CircuitBreaker::new(5, Duration::from_secs(1)),
-        )
-        .unwrap();
-        // A name resolving to loopback is refused the same way: not retried, and not counted
-        // against the partner by the breaker.
-        for _ in 0..5 {
-            let error = named.send(&notification).await.unwrap_err();
+        // A name resolving to loopback is refused before any connection, over http and https,
+        // and the breaker does not count it against the partner.
+        for url in ["http://localhost:9/hook", "https://localhost:9/hook"] {
+            let named = Webhook::new(
+                url.parse().unwrap(),
+                Duration::from_secs(1),
+                false,
+                CircuitBreaker::new(2, Duration::from_secs(1)),
+            )
+            .unwrap();
+            for _ in 0..3 {
+                let error = named.send(&notification).await.unwrap_err();
+                assert!(
+                    matches!(&error, DeliveryError::NoPublicAddress(host) if host == "localhost"),
+                    "{url}: {error:?}"
+                );
+            }
             assert!(
-                matches!(&error, DeliveryError::Forbidden(reason) if reason.contains("no public address")),
-                "{error:?}"
+                named.breaker.allow().is_ok(),
+                "{url}: the circuit stayed closed"
             );
         }
-        assert!(named.breaker.allow().is_ok(), "the circuit stayed closed");
     }
 }

@@ -187,8 +187,26 @@ async fn the_short_wait_covers_only_the_claim_not_the_locks_the_effect_waits_for
         .header("idempotency-key", "waits")
         .header("if-match", &etag)
         .send();
-    let release = async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    // Released only once the submit is waiting for the row, and longer than 100 ms after that.
+    let waiter = app.db.clone();
+    let release = async move {
+        let waiting = async {
+            while sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&waiter)
+            .await
+            .unwrap()
+                == 0
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the submit waits for the locked row");
+        tokio::time::sleep(Duration::from_millis(300)).await;
         holder.commit().await.unwrap();
     };
     let (submitted, ()) = tokio::join!(submit, release);
