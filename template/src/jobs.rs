@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use apalis::layers::retry::{BackoffRetryPolicy, RetryIfPolicy, RetryPolicy};
+use apalis::layers::retry::{BackoffRetryPolicy, RetryPolicy};
 use apalis::prelude::*;
 use apalis_postgres::{Config as QueueConfig, PostgresStorage};
 use serde::Serialize;
@@ -27,6 +27,17 @@ pub const JOBS_SUCCEEDED: &str = "jobs_succeeded_total";
 pub const JOBS_FAILED: &str = "jobs_failed_total";
 pub const JOBS_RETRIED: &str = "jobs_retried_total";
 pub const JOB_DURATION: &str = "job_duration_seconds";
+
+/// The job counters, by queue, with their descriptions.
+pub const COUNTERS: [(&str, &str); 4] = [
+    (JOBS_STARTED, "Job attempts started, by queue."),
+    (JOBS_SUCCEEDED, "Job attempts that succeeded, by queue."),
+    (
+        JOBS_FAILED,
+        "Job attempts that failed (and will be retried while attempts remain), by queue.",
+    ),
+    (JOBS_RETRIED, "Job attempts that were retries, by queue."),
+];
 pub const QUEUE_DEPTH: &str = "job_queue_depth";
 pub const QUEUE_OLDEST_AGE: &str = "job_queue_oldest_age_seconds";
 
@@ -123,8 +134,9 @@ pub fn storage<T>(db: &PgPool, queue: &str, jobs: &JobsConfig) -> PostgresStorag
 }
 
 /// Exponential backoff from `JOB_RETRY_BASE_MS`, doubling up to 5 minutes, with jitter so that
-/// jobs failing together do not retry together; a released job is not retried here.
-pub fn retry_policy(jobs: &JobsConfig) -> anyhow::Result<Retry> {
+/// jobs failing together do not retry together. (A released job never reaches it: its handler
+/// hands it on as a fresh job and reports success.)
+pub fn retry_policy(jobs: &JobsConfig) -> anyhow::Result<BackoffRetryPolicy<ExponentialBackoff>> {
     let backoff = ExponentialBackoffMaker::new(
         jobs.retry_base,
         Duration::from_secs(300),
@@ -132,15 +144,7 @@ pub fn retry_policy(jobs: &JobsConfig) -> anyhow::Result<Retry> {
         HasherRng::default(),
     )?
     .make_backoff();
-    Ok(RetryPolicy::retries(jobs.max_attempts.saturating_sub(1))
-        .with_backoff(backoff)
-        .retry_if(is_retryable as fn(&JobError) -> bool))
-}
-
-pub type Retry = RetryIfPolicy<BackoffRetryPolicy<ExponentialBackoff>, fn(&JobError) -> bool>;
-
-fn is_retryable(error: &JobError) -> bool {
-    !error.is::<Released>()
+    Ok(RetryPolicy::retries(jobs.max_attempts.saturating_sub(1)).with_backoff(backoff))
 }
 
 /// A unique worker name per process and queue; apalis tracks heartbeats by it.

@@ -91,19 +91,13 @@ fn describe() {
         "Responses replayed for a repeated Idempotency-Key."
     );
     use crate::jobs;
-    describe_counter!(jobs::JOBS_STARTED, "Job attempts started, by queue.");
-    describe_counter!(
-        jobs::JOBS_SUCCEEDED,
-        "Job attempts that succeeded, by queue."
-    );
-    describe_counter!(
-        jobs::JOBS_FAILED,
-        "Job attempts that failed (and will be retried while attempts remain), by queue."
-    );
-    describe_counter!(
-        jobs::JOBS_RETRIED,
-        "Job attempts that were retries, by queue."
-    );
+    // Exported from the start, so that alerts and dashboards see zeros rather than no data.
+    for (counter, description) in jobs::COUNTERS {
+        describe_counter!(counter, description);
+        for queue in jobs::QUEUES {
+            metrics::counter!(counter, "queue" => queue).absolute(0);
+        }
+    }
     describe_histogram!(
         jobs::JOB_DURATION,
         Unit::Seconds,
@@ -134,17 +128,6 @@ fn describe() {
         crate::webhook::CIRCUIT_OPEN,
         "1 while the webhook's circuit breaker is open."
     );
-    // Exported from the start, so that alerts and dashboards see zeros rather than no data.
-    for queue in jobs::QUEUES {
-        for counter in [
-            jobs::JOBS_STARTED,
-            jobs::JOBS_SUCCEEDED,
-            jobs::JOBS_FAILED,
-            jobs::JOBS_RETRIED,
-        ] {
-            metrics::counter!(counter, "queue" => queue).absolute(0);
-        }
-    }
 }
 
 /// Records the request-duration histogram. Added with `Router::layer`, which wraps each route, so

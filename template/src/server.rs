@@ -102,9 +102,15 @@ impl Application {
         .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let admin = axum::serve(self.admin_listener, self.admin)
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        // In-process workers that die take the server down with them (a non-zero exit), rather
+        // than leave it serving while no job runs.
         let workers = self.workers.map(|(db, config)| {
             let stop = stop_accepting.clone();
-            tokio::spawn(crate::jobs::run(db, config, stop))
+            tokio::spawn(async move {
+                let ran = crate::worker::run_background(db, config, stop.clone()).await;
+                stop.cancel();
+                ran
+            })
         });
         let drained = async {
             tokio::try_join!(api.into_future(), admin.into_future())?;

@@ -23,7 +23,6 @@ pub async fn run(db: PgPool, config: Config) -> anyhow::Result<()> {
     let signal = shutdown::signal();
     sqlx::query("SELECT 1").execute(&db).await?;
     let stop = CancellationToken::new();
-    let cleanup = tokio::spawn(cleanups(db.clone(), config.clone(), stop.clone()));
     let admin = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("cannot listen on ADMIN_ADDR {}", config.admin_addr))?;
@@ -31,27 +30,44 @@ pub async fn run(db: PgPool, config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let metrics = tokio::spawn(metrics.into_future());
     tracing::info!(admin_addr = %config.admin_addr, "worker started");
-    let mut jobs = tokio::spawn({
-        let (db, config, stop) = (db.clone(), config.clone(), stop.clone());
-        jobs::run(db, config, stop)
-    });
+    let mut background = tokio::spawn(run_background(db.clone(), config, stop.clone()));
     tokio::select! {
         () = signal => {}
-        // The job workers must not end on their own: if they do, say why and exit non-zero, so
-        // that the orchestrator restarts a worker that would otherwise idle, healthy-looking.
-        ended = &mut jobs => {
+        // Exit non-zero, so that the orchestrator restarts a worker that would otherwise idle,
+        // healthy-looking.
+        ended = &mut background => {
             stop.cancel();
-            ended??;
-            anyhow::bail!("the job workers stopped without being asked to");
+            metrics.await??;
+            return ended?;
         }
     }
     tracing::info!("shutdown requested: finishing the work in progress");
     stop.cancel();
-    jobs.await??;
-    cleanup.await?;
+    background.await??;
     metrics.await??;
     db.close().await;
     tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// The background work, until `stop`: the job queues and the scheduled cleanups. Run by the
+/// `worker` process, and by `serve` with `SERVE_RUNS_WORKERS=true`. The job workers must not end
+/// on their own; if they do, this stops the cleanups and returns an error.
+pub async fn run_background(
+    db: PgPool,
+    config: Config,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let cleanups_stop = stop.child_token();
+    let cleanup = tokio::spawn(cleanups(db.clone(), config.clone(), cleanups_stop.clone()));
+    let jobs = jobs::run(db, config, stop.clone()).await;
+    cleanups_stop.cancel();
+    cleanup.await?;
+    jobs?;
+    anyhow::ensure!(
+        stop.is_cancelled(),
+        "the job workers stopped without being asked to"
+    );
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use validator::ValidationError;
 
 use crate::orders::domain::{Currency, ExternalRef, Note, Quantity, Sku, UnitPrice};
+use crate::validation::invalid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -84,7 +85,7 @@ pub fn parse_row<'a>(
     if fields.len() != expected {
         p.report(
             "row",
-            rule(
+            invalid(
                 "field_count",
                 format!("has {} fields; the header has {expected}", fields.len()),
             ),
@@ -156,7 +157,7 @@ impl RowParser {
         match std::str::from_utf8(raw) {
             Ok(text) => Some(text.to_owned()),
             Err(_) => {
-                self.report(field, rule("encoding", "is not valid UTF-8".into()));
+                self.report(field, invalid("encoding", "is not valid UTF-8"));
                 None
             }
         }
@@ -167,7 +168,7 @@ impl RowParser {
         match text.trim().parse() {
             Ok(number) => Some(number),
             Err(_) => {
-                self.report(field, rule("type", "must be an integer".into()));
+                self.report(field, invalid("type", "must be an integer"));
                 None
             }
         }
@@ -177,10 +178,6 @@ impl RowParser {
     fn check<T>(&mut self, field: &'static str, parsed: Result<T, ValidationError>) -> Option<T> {
         parsed.map_err(|error| self.report(field, error)).ok()
     }
-}
-
-fn rule(code: &'static str, message: String) -> ValidationError {
-    ValidationError::new(code).with_message(message.into())
 }
 
 impl StagedRow {

@@ -145,8 +145,9 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
         "rows grouped into orders"
     );
 
+    // `finish` changes only a running import, under its row lock: of two overlapping runs, the
+    // one that comes second finds it finished and stops here.
     let mut tx = context.db.begin().await?;
-    store::lock_checkpoints(&mut tx, import_id).await?;
     let Some(done) = store::finish(&mut tx, import_id).await? else {
         return Err(Superseded.into());
     };

@@ -553,7 +553,8 @@ pub async fn clean_up(db: &PgPool, orphan_age: std::time::Duration) -> sqlx::Res
         .await?
         .rows_affected();
         deleted += staged + files;
-        if staged + files == 0 {
+        let batch = DELETE_BATCH.unsigned_abs();
+        if staged < batch && files < batch {
             return Ok(deleted);
         }
     }

@@ -178,13 +178,7 @@ impl TestApp {
 
     /// `GET path` with a bearer token, its body as JSON.
     pub async fn get_json(&self, path: &str, token: &str) -> serde_json::Value {
-        self.call(reqwest::Method::GET, path, token)
-            .send()
-            .await
-            .expect("request sent")
-            .json()
-            .await
-            .expect("a JSON body")
+        get_json_at(&self.api, path, token).await
     }
 
     /// A request to the public API with a bearer token.
@@ -205,6 +199,29 @@ pub struct TestUser {
     pub id: Uuid,
     pub email: Email,
     pub role: Role,
+}
+
+/// `GET path` on the service at `base` (a separate process, say) with a bearer token, its body as
+/// JSON.
+pub async fn get_json_at(base: &str, path: &str, token: &str) -> serde_json::Value {
+    client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request sent")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
+/// The value of one series (`name{labels}`, exactly as exported) in a Prometheus text scrape;
+/// 0 when it is not there yet.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn client() -> reqwest::Client {

@@ -11,7 +11,7 @@ use tokio::process::Child;
 use uuid::Uuid;
 
 use crate::cli::{create_customer, login, serve, terminate};
-use crate::harness::{client, with_job_queue};
+use crate::harness::{client, get_json_at, with_job_queue};
 use crate::imports::{csv, import_jobs, start_worker};
 
 /// Starts one `serve` process with `vars`; its logs are drained so it never blocks on them.
@@ -71,22 +71,18 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
     assert_eq!(orders, 1);
 
     // A second order, then a cursor minted by A is honoured by B.
-    http.post(format!("{b}/v1/orders"))
+    let newest = http
+        .post(format!("{b}/v1/orders"))
         .bearer_auth(&token)
         .header("idempotency-key", "second")
         .json(&json!({"currency": "EUR", "items": [{"sku": "B", "quantity": 1, "unit_price_cents": 100}]}))
         .send()
         .await
         .unwrap();
-    let first: Value = http
-        .get(format!("{a}/v1/orders?limit=1"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(newest.status(), StatusCode::CREATED);
+    let newest = newest.json::<Value>().await.unwrap()["id"].clone();
+    let first = get_json_at(&a, "/v1/orders?limit=1", &token).await;
+    assert_eq!(first["data"][0]["id"], newest, "newest first");
     let cursor = first["next_cursor"].as_str().expect("a next page");
     let second = http
         .get(format!("{b}/v1/orders?limit=1&cursor={cursor}"))
@@ -96,7 +92,10 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
         .unwrap();
     assert_eq!(second.status(), StatusCode::OK);
     let second: Value = second.json().await.unwrap();
-    assert_ne!(second["data"][0]["id"], first["data"][0]["id"]);
+    assert_eq!(
+        second["data"][0]["id"], ids[0],
+        "the page after it, from the other instance"
+    );
 
     // Imports uploaded to either instance are each run once, by either worker.
     let mut imports = Vec::new();

@@ -260,14 +260,7 @@ async fn another_customers_order_is_a_404_everywhere_and_admins_see_all(db: PgPo
             );
         }
     }
-    let list: Value = app
-        .call(Method::GET, "/v1/orders", &stranger)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = app.get_json("/v1/orders", &stranger).await;
     assert_eq!(list["data"], json!([]), "lists show only your own orders");
 
     assert_eq!(
@@ -278,14 +271,7 @@ async fn another_customers_order_is_a_404_everywhere_and_admins_see_all(db: PgPo
             .status(),
         StatusCode::OK
     );
-    let all: Value = app
-        .call(Method::GET, "/v1/orders", &admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = app.get_json("/v1/orders", &admin).await;
     assert_eq!(all["data"].as_array().unwrap().len(), 1);
 }
 
