@@ -4,7 +4,7 @@
 # on the same database. Prints rows/s, end-to-end seconds and the worker's peak RSS per size.
 # A benchmark, not a test: it prints numbers and asserts nothing.
 #
-#   scripts/bench-imports.sh [rows ...]      (default: 100000 1000000)
+#   scripts/bench-imports.sh [rows[-scattered] ...]      (default: 100000 1000000 1000000-scattered)
 #
 # Uses a release build, a throwaway Postgres (scripts/local-postgres.sh, port BENCH_PGPORT,
 # default 55440) and loopback ports 18480/19480 (API) and 19481 (worker metrics).
@@ -13,7 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 sizes=("$@")
-[ ${#sizes[@]} -gt 0 ] || sizes=(100000 1000000)
+[ ${#sizes[@]} -gt 0 ] || sizes=(100000 1000000 1000000-scattered)
 pg_port=${BENCH_PGPORT:-55440}
 work=$(mktemp -d /tmp/bench-imports.XXXXXX)
 chmod 755 "$work"
@@ -33,7 +33,7 @@ bin=${CARGO_TARGET_DIR:-$here/target}/release/$name
 
 say "Starting Postgres on 127.0.0.1:$pg_port"
 eval "$(PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh start)"
-# The worker's phase timings ("rows staged", "rows grouped into orders") are read from its log.
+# The worker's phase timings ("file read", "rows staged", "orders written") are read from its log.
 export DATABASE_URL APP_ENV=development RUST_LOG=warn,service::imports::job=info
 psql=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
 psql=${psql:-psql}
@@ -57,18 +57,25 @@ now() { date +%s.%N; }
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 per_second() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / s }'; }
 
-phase() { grep "\"message\":\"$1\"" "$work/worker.log" | tail -n 1 | sed -n 's/.*"elapsed_ms":"\{0,1\}\([0-9]*\).*/\1/p' | awk '{ printf "%.2f", $1 / 1000 }'; }
-printf '\n%-9s %-9s %-12s %-14s %-14s %-10s %-10s %-10s %s\n' rows "file MiB" "COPY rows/s" "import rows/s" "end-to-end s" "% of COPY" "staging s" "grouping s" "worker peak RSS MiB"
-for rows in "${sizes[@]}"; do
-  file=$work/orders-$rows.csv
-  python3 - "$rows" "$file" <<'PY'
+phase() { { grep "\"message\":\"$1\"" "$work/worker.log" || true; } | tail -n 1 | sed -n 's/.*"elapsed_ms":"\{0,1\}\([0-9]*\).*/\1/p' | awk '{ printf "%.2f", $1 / 1000 }'; }
+printf '\n%-12s %-9s %-12s %-14s %-14s %-10s %-9s %-10s %-10s %-10s %s\n' rows "file MiB" "COPY rows/s" "import rows/s" \
+  "end-to-end s" "% of COPY" "upload s" "reading s" "staging s" "writing s" "worker peak RSS MiB"
+for size in "${sizes[@]}"; do
+  # "1000000" lists each order's rows together; "1000000-scattered" deals them out round robin,
+  # so that each order's five rows are a fifth of the file apart.
+  rows=${size%-scattered}
+  file=$work/orders-$size.csv
+  n=$((${n:-0} + 1))
+  python3 - "$rows" "$file" "$size" "$n" <<'PY'
 import sys
-rows, path = int(sys.argv[1]), sys.argv[2]
+rows, path, scattered = int(sys.argv[1]), sys.argv[2], sys.argv[3].endswith("-scattered")
+orders = rows // 5
 with open(path, "w") as out:
     out.write("external_ref,currency,sku,quantity,unit_price_cents,note\n")
     for row in range(rows):
-        order, line = divmod(row, 5)
-        out.write(f"PO-{order:08d},EUR,SKU-{line},{line + 1},{100 + order % 900},\n")
+        line, order = divmod(row, orders) if scattered else divmod(row, 5)[::-1]
+        # A prefix per file: each file's orders are new, not found from an earlier file.
+        out.write(f"P{sys.argv[4]}-{order:08d},EUR,SKU-{line},{line + 1},{100 + order % 900},\n")
 PY
   mib=$(awk -v b="$(stat -c %s "$file")" 'BEGIN { printf "%.1f", b / 1048576 }')
 
@@ -82,8 +89,9 @@ PY
   # The import: upload, then poll until the worker has finished.
   start=$(now)
   location=$(curl -sf -D - -o /dev/null -X POST "$api/v1/imports" -H "authorization: Bearer $token" \
-    -H "idempotency-key: bench-$rows-$start" -H 'content-type: text/csv' --data-binary @"$file" |
+    -H "idempotency-key: bench-$size-$start" -H 'content-type: text/csv' --data-binary @"$file" |
     sed -n 's/^location: *\([^[:space:]]*\).*/\1/Ip')
+  upload_seconds=$(seconds "$start" "$(now)")
   while :; do
     body=$(curl -sf "$api$location" -H "authorization: Bearer $token")
     case $body in *'"status":"queued"'* | *'"status":"running"'*) sleep 0.1 ;; *) break ;; esac
@@ -94,11 +102,13 @@ PY
   copy_rate=$(per_second "$rows" "$copy_seconds")
   import_rate=$(per_second "$rows" "$total_seconds")
   share=$(awk -v a="$import_rate" -v b="$copy_rate" 'BEGIN { printf "%.0f%%", 100 * a / b }')
-  printf '%-9s %-9s %-12s %-14s %-14s %-10s %-10s %-10s %s\n' "$rows" "$mib" "$copy_rate" "$import_rate" \
-    "$total_seconds" "$share" "$(phase 'rows staged')" "$(phase 'rows grouped into orders')" "$rss_mib"
+  staging=-
+  [ "$size" = "$rows" ] || staging=$(phase 'rows staged')
+  printf '%-12s %-9s %-12s %-14s %-14s %-10s %-9s %-10s %-10s %-10s %s\n' "$size" "$mib" "$copy_rate" "$import_rate" \
+    "$total_seconds" "$share" "$upload_seconds" "$(phase 'file read')" "$staging" "$(phase 'orders written')" "$rss_mib"
   rm -f "$file"
 done
 echo
-echo "import rows/s and end-to-end time run from the start of the upload to the finished import"
-echo "(upload, staging, grouping into orders); staging and grouping are the worker's own timings;"
-echo "the worker's peak RSS is its high-water mark so far (VmHWM)."
+echo "import rows/s and end-to-end time run from the start of the upload to the finished import."
+echo "upload: until the 202. reading, staging (scattered files only) and writing (staging included):"
+echo "the worker's own timings. The worker's peak RSS is its high-water mark so far (VmHWM)."

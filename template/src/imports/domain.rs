@@ -8,7 +8,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 use validator::ValidationError;
 
-use crate::orders::domain::{Currency, ExternalRef, Note, Quantity, Sku, UnitPrice};
+use crate::orders::domain::{
+    Currency, ExternalRef, LineItem, MAX_ITEMS, NewOrder, Note, Quantity, Sku, UnitPrice,
+};
 use crate::validation::invalid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -47,18 +49,21 @@ pub struct RowError {
     pub message: Cow<'static, str>,
 }
 
-/// A row ready for staging. An invalid row is staged too (`valid: false`, with whatever fields
-/// parsed) so that its order is rejected when the rows are grouped.
+/// One data row that names its order. `line` is `None` when the row has an error: its order is
+/// then rejected as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StagedRow {
     pub row: i32,
-    pub external_ref: String,
-    pub valid: bool,
-    pub currency: Option<String>,
-    pub sku: Option<String>,
-    pub quantity: Option<i64>,
-    pub unit_price_cents: Option<i64>,
-    pub note: Option<String>,
+    pub external_ref: ExternalRef,
+    pub line: Option<RowLine>,
+}
+
+/// What a valid row adds to its order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLine {
+    pub currency: Currency,
+    pub item: LineItem,
+    pub note: Option<Note>,
 }
 
 /// What one data row becomes: a staged row (absent when even its external_ref is unusable,
@@ -67,6 +72,12 @@ pub struct StagedRow {
 pub struct ParsedRow {
     pub staged: Option<StagedRow>,
     pub errors: Vec<RowError>,
+}
+
+/// The order a row belongs to, from its first field: the same rule [`parse_row`] applies.
+pub fn order_key(raw: &[u8]) -> Option<ExternalRef> {
+    let text = std::str::from_utf8(raw).ok()?;
+    ExternalRef::parse(text.to_owned()).ok()
 }
 
 /// Parses one data row. `fields` are the raw bytes of its fields; `has_note` says whether the
@@ -91,12 +102,15 @@ pub fn parse_row<'a>(
             ),
         );
         // Still staged (as invalid) when it names its order, so that the order is rejected.
-        let external_ref = fields
-            .first()
-            .and_then(|raw| std::str::from_utf8(raw).ok())
-            .and_then(|raw| ExternalRef::parse(raw.to_owned()).ok());
         return ParsedRow {
-            staged: external_ref.map(|external_ref| StagedRow::invalid(row, external_ref)),
+            staged: fields
+                .first()
+                .and_then(|raw| order_key(raw))
+                .map(|external_ref| StagedRow {
+                    row,
+                    external_ref,
+                    line: None,
+                }),
             errors: p.errors,
         };
     }
@@ -121,21 +135,136 @@ pub fn parse_row<'a>(
             .and_then(|raw| p.check("note", Note::parse(raw))),
         _ => None,
     };
-    let valid = p.errors.is_empty();
+    let line = match (currency, sku, quantity, unit_price) {
+        // Not when `note` had an error, though a note is optional.
+        (Some(currency), Some(sku), Some(quantity), Some(unit_price)) if p.errors.is_empty() => {
+            Some(RowLine {
+                currency,
+                item: LineItem {
+                    sku,
+                    quantity,
+                    unit_price,
+                },
+                note,
+            })
+        }
+        _ => None,
+    };
     ParsedRow {
         staged: external_ref.map(|external_ref| StagedRow {
             row,
-            external_ref: external_ref.get().clone(),
-            valid,
-            currency: currency.map(|c| c.get().clone()),
-            sku: sku.map(|s| s.get().clone()),
-            quantity: quantity.map(|q| *q.get()),
-            unit_price_cents: unit_price.map(|u| *u.get()),
-            note: note.map(|n| n.get().clone()),
+            external_ref,
+            line,
         }),
         errors: p.errors,
     }
 }
+
+/// The rows of one order, added in row order; [`OrderRows::close`] says whether the order is
+/// created. The rules that need an order's rows together live here, beside the row rules, and
+/// hold the same whether the rows come straight from the file or sorted from staging:
+/// every row valid, one currency (the first valid row's), at most [`MAX_ITEMS`] items.
+/// Only the lines of an order that can still be created are kept, so an order with a million
+/// rows holds at most `MAX_ITEMS` of them.
+#[derive(Debug)]
+pub struct OrderRows {
+    external_ref: ExternalRef,
+    currency: Option<Currency>,
+    items: Vec<LineItem>,
+    note: Option<Note>,
+    valid_rows: usize,
+    rejected: bool,
+    errors: Vec<RowError>,
+}
+
+/// An order whose rows have all been seen: the order to create (`None`: rejected) and the errors
+/// its rows broke together (each row's own errors were reported when it was parsed).
+#[derive(Debug)]
+pub struct ClosedOrder {
+    pub order: Option<NewOrder>,
+    pub errors: Vec<RowError>,
+}
+
+impl OrderRows {
+    pub fn new(external_ref: ExternalRef) -> Self {
+        OrderRows {
+            external_ref,
+            currency: None,
+            items: Vec::new(),
+            note: None,
+            valid_rows: 0,
+            rejected: false,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn external_ref(&self) -> &ExternalRef {
+        &self.external_ref
+    }
+
+    pub fn push(&mut self, row: StagedRow) {
+        let Some(line) = row.line else {
+            self.rejected = true;
+            return;
+        };
+        self.valid_rows += 1;
+        let currency = self.currency.get_or_insert_with(|| line.currency.clone());
+        if line.currency != *currency {
+            self.reject(
+                row.row,
+                "currency",
+                "currency_mismatch",
+                Cow::Borrowed(CURRENCY_MISMATCH),
+            );
+        } else if self.valid_rows > MAX_ITEMS {
+            let message = format!("an order has at most {MAX_ITEMS} items");
+            self.reject(
+                row.row,
+                "external_ref",
+                "too_many_items",
+                Cow::Owned(message),
+            );
+        } else if !self.rejected {
+            self.note = self.note.take().or(line.note);
+            self.items.push(line.item);
+        }
+    }
+
+    fn reject(
+        &mut self,
+        row: i32,
+        field: &'static str,
+        code: &'static str,
+        message: Cow<'static, str>,
+    ) {
+        self.rejected = true;
+        self.items = Vec::new();
+        self.errors.push(RowError {
+            row,
+            field,
+            code: Cow::Borrowed(code),
+            message,
+        });
+    }
+
+    pub fn close(self) -> ClosedOrder {
+        let order = match self.currency {
+            Some(currency) if !self.rejected && !self.items.is_empty() => Some(NewOrder {
+                currency,
+                items: self.items,
+                note: self.note,
+                external_ref: Some(self.external_ref),
+            }),
+            _ => None,
+        };
+        ClosedOrder {
+            order,
+            errors: self.errors,
+        }
+    }
+}
+
+const CURRENCY_MISMATCH: &str = "differs from the currency of the first row of this order";
 
 /// Collects the errors of one row; each step yields `None` for a field that failed.
 struct RowParser {
@@ -181,17 +310,38 @@ impl RowParser {
 }
 
 impl StagedRow {
-    fn invalid(row: i32, external_ref: ExternalRef) -> Self {
-        StagedRow {
+    /// A row read back from `import_rows`, parsed again by the same newtypes: what reaches an
+    /// order is checked where it is used, whatever the table holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_stored(
+        row: i32,
+        external_ref: String,
+        valid: bool,
+        currency: Option<String>,
+        sku: Option<String>,
+        quantity: Option<i64>,
+        unit_price_cents: Option<i64>,
+        note: Option<String>,
+    ) -> Result<StagedRow, ValidationError> {
+        let external_ref = ExternalRef::parse(external_ref)?;
+        let line = match (valid, currency, sku, quantity, unit_price_cents) {
+            (true, Some(currency), Some(sku), Some(quantity), Some(unit_price)) => Some(RowLine {
+                currency: Currency::parse(currency)?,
+                item: LineItem {
+                    sku: Sku::parse(sku)?,
+                    quantity: Quantity::parse(quantity)?,
+                    unit_price: UnitPrice::parse(unit_price)?,
+                },
+                note: note.map(Note::parse).transpose()?,
+            }),
+            (true, ..) => return Err(invalid("incomplete", "a valid staged row lacks a field")),
+            (false, ..) => None,
+        };
+        Ok(StagedRow {
             row,
-            external_ref: external_ref.get().clone(),
-            valid: false,
-            currency: None,
-            sku: None,
-            quantity: None,
-            unit_price_cents: None,
-            note: None,
-        }
+            external_ref,
+            line,
+        })
     }
 
     /// Appends the row as one line of COPY's text format (tab-separated, `\N` for NULL).
@@ -213,28 +363,25 @@ impl StagedRow {
                 }
             }
         }
-        fn number(out: &mut String, value: Option<i64>) {
-            out.push('\t');
-            match value {
-                None => out.push_str("\\N"),
-                Some(value) => {
-                    let _ = write!(out, "{value}");
-                }
+        let _ = write!(out, "{import_id}");
+        text(out, Some(self.external_ref.get()));
+        match &self.line {
+            None => {
+                let _ = write!(out, "\t{}\tf\t\\N\t\\N\t\\N\t\\N\t\\N", self.row);
+            }
+            Some(line) => {
+                let _ = write!(out, "\t{}\tt", self.row);
+                text(out, Some(line.currency.get()));
+                text(out, Some(line.item.sku.get()));
+                let _ = write!(
+                    out,
+                    "\t{}\t{}",
+                    line.item.quantity.get(),
+                    line.item.unit_price.get()
+                );
+                text(out, line.note.as_ref().map(|note| note.get().as_str()));
             }
         }
-        let _ = write!(out, "{import_id}");
-        text(out, Some(&self.external_ref));
-        let _ = write!(
-            out,
-            "\t{}\t{}",
-            self.row,
-            if self.valid { 't' } else { 'f' }
-        );
-        text(out, self.currency.as_deref());
-        text(out, self.sku.as_deref());
-        number(out, self.quantity);
-        number(out, self.unit_price_cents);
-        text(out, self.note.as_deref());
         out.push('\n');
     }
 }
@@ -247,14 +394,22 @@ mod tests {
         parse_row(7, line.split(',').map(str::as_bytes), has_note)
     }
 
+    fn staged(row: i32, line: &str) -> StagedRow {
+        parse_row(row, line.split(',').map(str::as_bytes), false)
+            .staged
+            .unwrap()
+    }
+
     #[test]
-    fn a_valid_row_is_staged_as_valid() {
+    fn a_valid_row_has_a_line() {
         let parsed = parse("PO-1,EUR,BOOK-1,2,1250,gift", true);
         assert!(parsed.errors.is_empty());
-        let row = parsed.staged.unwrap();
-        assert!(row.valid);
-        assert_eq!((row.quantity, row.unit_price_cents), (Some(2), Some(1250)));
-        assert_eq!(row.note.as_deref(), Some("gift"));
+        let line = parsed.staged.unwrap().line.unwrap();
+        assert_eq!(
+            (*line.item.quantity.get(), *line.item.unit_price.get()),
+            (2, 1250)
+        );
+        assert_eq!(line.note.unwrap().get(), "gift");
     }
 
     #[test]
@@ -275,8 +430,10 @@ mod tests {
             ]
         );
         assert!(parsed.errors.iter().all(|e| e.row == 7));
-        // Staged as invalid so that the whole order PO-1 is rejected.
-        assert!(!parsed.staged.unwrap().valid);
+        // Still staged, without a line, so that the whole order PO-1 is rejected.
+        assert_eq!(parsed.staged.unwrap().line, None);
+        let bad_note = parse(&format!("PO-1,EUR,A,1,1,{}", "n".repeat(1001)), true);
+        assert_eq!(bad_note.staged.unwrap().line, None);
     }
 
     #[test]
@@ -288,28 +445,85 @@ mod tests {
         assert_eq!(short.errors[0].code, "field_count");
         let staged = short.staged.expect("a short row still rejects its order");
         assert_eq!(
-            (staged.external_ref.as_str(), staged.valid),
-            ("PO-1", false)
+            (staged.external_ref.get().as_str(), staged.line),
+            ("PO-1", None)
         );
     }
 
     #[test]
-    fn copy_lines_escape_what_the_text_format_reserves() {
-        let row = StagedRow {
-            row: 3,
-            external_ref: "PO\t1".into(),
-            valid: true,
-            currency: Some("EUR".into()),
-            sku: Some("A".into()),
-            quantity: Some(1),
-            unit_price_cents: None,
-            note: Some("a\\b\nc".into()),
-        };
+    fn an_order_is_created_from_its_rows_in_row_order() {
+        let mut order = OrderRows::new(ExternalRef::parse("PO-1".into()).unwrap());
+        order.push(staged(1, "PO-1,EUR,A,2,100"));
+        order.push(staged(4, "PO-1,EUR,B,1,50"));
+        let closed = order.close();
+        assert!(closed.errors.is_empty());
+        let order = closed.order.unwrap();
+        let skus: Vec<_> = order.items.iter().map(|i| i.sku.get().as_str()).collect();
+        assert_eq!((skus, order.total_cents()), (vec!["A", "B"], 250));
+    }
+
+    #[test]
+    fn one_bad_row_rejects_its_order_and_the_order_rules_report_each_row() {
+        let mut invalid = OrderRows::new(ExternalRef::parse("PO-1".into()).unwrap());
+        invalid.push(staged(1, "PO-1,EUR,A,1,100"));
+        invalid.push(staged(2, "PO-1,EUR,B,0,100"));
+        let closed = invalid.close();
+        assert!(closed.order.is_none());
+        assert!(closed.errors.is_empty(), "the row reported its own error");
+
+        let mut mixed = OrderRows::new(ExternalRef::parse("PO-2".into()).unwrap());
+        mixed.push(staged(1, "PO-2,EUR,A,1,100"));
+        mixed.push(staged(2, "PO-2,USD,B,1,100"));
+        mixed.push(staged(3, "PO-2,USD,C,1,100"));
+        let closed = mixed.close();
+        assert!(closed.order.is_none());
+        let rows: Vec<_> = closed
+            .errors
+            .iter()
+            .map(|e| (e.row, e.code.as_ref()))
+            .collect();
+        assert_eq!(rows, [(2, "currency_mismatch"), (3, "currency_mismatch")]);
+
+        let mut long = OrderRows::new(ExternalRef::parse("PO-3".into()).unwrap());
+        for row in 1..=MAX_ITEMS as i32 + 2 {
+            long.push(staged(row, "PO-3,EUR,A,1,100"));
+        }
+        let closed = long.close();
+        assert!(closed.order.is_none());
+        let rows: Vec<_> = closed.errors.iter().map(|e| (e.row, e.field)).collect();
+        assert_eq!(rows, [(101, "external_ref"), (102, "external_ref")]);
+    }
+
+    #[test]
+    fn staged_rows_round_trip_and_copy_lines_escape_what_the_text_format_reserves() {
+        let row = parse_row(
+            3,
+            ["PO\t1", "EUR", "A", "1", "2", "a\\b\nc"]
+                .into_iter()
+                .map(str::as_bytes),
+            true,
+        )
+        .staged
+        .unwrap();
         let mut line = String::new();
         row.write_copy_line(Uuid::nil(), &mut line);
         assert_eq!(
             line,
-            "00000000-0000-0000-0000-000000000000\tPO\\t1\t3\tt\tEUR\tA\t1\t\\N\ta\\\\b\\nc\n"
+            "00000000-0000-0000-0000-000000000000\tPO\\t1\t3\tt\tEUR\tA\t1\t2\ta\\\\b\\nc\n"
+        );
+        let stored = StagedRow::from_stored(
+            3,
+            "PO\t1".into(),
+            true,
+            Some("EUR".into()),
+            Some("A".into()),
+            Some(1),
+            Some(2),
+            Some("a\\b\nc".into()),
+        );
+        assert_eq!(stored.unwrap(), row);
+        assert!(
+            StagedRow::from_stored(3, "PO-1".into(), true, None, None, None, None, None).is_err()
         );
     }
 }

@@ -3,11 +3,16 @@
 //! Every step commits its effects together with the progress counters and the checkpoint that
 //! describe them, so a run that dies anywhere (SIGKILL, a lost connection) resumes at the last
 //! checkpoint when the job runs again, and nothing is done twice:
-//! 1. Staging reads the stored file chunk by chunk, validates each row with the orders API's
-//!    rules and COPYs a batch of rows into `import_rows`, with the batch's row errors and
-//!    `processed_rows`; a rerun skips the rows already counted.
-//! 2. Grouping turns ranges of external_refs into draft orders in SQL, with `grouped_through`;
-//!    orders are also keyed by (owner, external_ref), so even a repeated range creates nothing twice.
+//! 1. Reading the stored file once tells whether each order's rows are next to each other (the
+//!    answer is recorded: a resumed import goes on the way it started).
+//! 2. If they are, the file is read again and each order is written as soon as its last row has
+//!    gone by, a batch of orders with their row errors and `processed_rows` per transaction.
+//!    Otherwise the rows are staged first (validated and COPYed into `import_rows` in batches,
+//!    with their errors and `processed_rows`), then read back sorted by order and written a
+//!    range of external_refs at a time, with `grouped_through`. Either way a rerun skips what
+//!    the checkpoint counts, and orders are keyed by (owner, external_ref), so even a repeated
+//!    batch creates nothing twice. Rows are validated with the orders API's rules, and the
+//!    rules over an order's rows ([`OrderRows`]) are the same on both ways.
 //! 3. Finishing sets the final status and enqueues the webhook notification in one transaction.
 
 use apalis::prelude::*;
@@ -17,11 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use futures::TryStreamExt;
+
 use super::csv::{Records, Step, check_header};
-use super::domain::{ParsedRow, RowError, StagedRow, parse_row};
-use super::store::{self, Import};
+use super::domain::{OrderRows, ParsedRow, RowError, StagedRow, order_key, parse_row};
+use super::store::{self, Checkpoint, Counts, Import};
 use crate::config::Config;
 use crate::jobs::{self, JobError, Released};
+use crate::orders::domain::{ExternalRef, NewOrder};
 use crate::webhook;
 
 pub const QUEUE: &str = "imports";
@@ -32,8 +40,9 @@ pub const IMPORT_ORDERS: &str = "import_orders_total";
 /// Rows per staging transaction: large enough that COPY dominates, small enough that progress
 /// moves every fraction of a second and a crash repeats little.
 const STAGE_BATCH_ROWS: usize = 5_000;
-/// Orders per grouping transaction.
-const GROUP_BATCH_ORDERS: i64 = 2_000;
+/// Orders per transaction when orders are written: one statement writes them all, with their
+/// items.
+const BATCH_ORDERS: usize = 2_000;
 
 /// The job's payload: which import, and the request that created it (for the logs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,23 +136,37 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
         tracing::info!("the import is already finished");
         return Ok(());
     };
-    if !import.staged {
-        let started = std::time::Instant::now();
-        stage(context, &import).await?;
-        store::mark_staged(&context.db, import_id).await?;
-        // Fresh planner statistics for the grouping queries: staging has just added up to a
-        // million rows, and plans made on the old numbers can be slow enough to time out.
-        if let Err(error) = store::analyze_staged_rows(&context.db).await {
-            tracing::warn!(%error, "could not refresh the statistics of import_rows");
+    let together = match import.rows_together {
+        Some(together) => together,
+        None => {
+            let started = std::time::Instant::now();
+            let together = rows_together(context, &import).await?;
+            let together = store::record_rows_together(&context.db, import_id, together).await?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis(),
+                together,
+                "file read"
+            );
+            together
         }
-        tracing::info!(elapsed_ms = started.elapsed().as_millis(), "rows staged");
-    }
+    };
     let started = std::time::Instant::now();
-    group(context, &import).await?;
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis(),
-        "rows grouped into orders"
-    );
+    if together {
+        write_in_file_order(context, &import).await?;
+    } else {
+        if !import.staged {
+            stage(context, &import).await?;
+            store::mark_staged(&context.db, import_id).await?;
+            // Fresh planner statistics for the grouping queries: staging has just added up to a
+            // million rows, and plans made on the old numbers can be slow enough to time out.
+            if let Err(error) = store::analyze_staged_rows(&context.db).await {
+                tracing::warn!(%error, "could not refresh the statistics of import_rows");
+            }
+            tracing::info!(elapsed_ms = started.elapsed().as_millis(), "rows staged");
+        }
+        group(context, &import).await?;
+    }
+    tracing::info!(elapsed_ms = started.elapsed().as_millis(), "orders written");
 
     // `finish` changes only a running import, under its row lock: of two overlapping runs, the
     // one that comes second finds it finished and stops here.
@@ -171,15 +194,121 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Step 1: validate every row not yet staged and stage it, a batch per transaction.
-async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
+/// Whether each order's rows are next to each other in the file (as a file exported from another
+/// system usually lists them), after checking that the stored file has the rows the upload
+/// counted. If they are, the orders can be written while the file is read, each as
+/// soon as its last row has gone by. Reading the stored file once more costs far less than
+/// staging and sorting it.
+///
+/// Exact for every order that runs on (its own external_ref compared); an order seen before is
+/// remembered by a 64-bit hash of its external_ref, 8 bytes per order. Two external_refs with
+/// the same hash can only make a file look scattered, which sends it the slower way, never
+/// the wrong one.
+async fn rows_together(context: &Context, import: &Import) -> Result<bool, JobError> {
+    use std::hash::BuildHasher;
+    let hasher = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
+    let (mut file, _) = open_file(context, import).await?;
+    let mut current: Option<ExternalRef> = None;
+    let mut seen = std::collections::HashSet::new();
+    let mut together = true;
+    let mut rows = 0;
+    while let Some(record) = file.next_record().await? {
+        rows += 1;
+        if !together {
+            continue;
+        }
+        let Some(external_ref) = record.fields().next().and_then(order_key) else {
+            continue;
+        };
+        if current.as_ref() == Some(&external_ref) {
+            continue;
+        }
+        if let Some(previous) = current.replace(external_ref) {
+            seen.insert(hasher.hash_one(previous.get()));
+        }
+        together = !current
+            .as_ref()
+            .is_some_and(|now| seen.contains(&hasher.hash_one(now.get())));
+    }
+    // Before anything is written: a stored file that is not the upload imports nothing.
+    check_row_count(import, rows)?;
+    Ok(together)
+}
+
+/// The stored file, read past its header, and whether the header has the `note` column.
+async fn open_file<'a>(
+    context: &'a Context,
+    import: &Import,
+) -> Result<(StoredFile<'a>, bool), JobError> {
     let mut file = StoredFile::new(&context.db, import.id);
     let header = file
         .next_record()
         .await?
         .ok_or("the stored file is empty")?;
     let has_note = check_header(header.fields()).ok_or("the stored file has no header")?;
-    let mut batch = Batch::after(import.processed_rows);
+    Ok((file, has_note))
+}
+
+/// The upload counted the rows; another count means the stored file is not the one that was
+/// uploaded. Fail loudly rather than import part of it.
+fn check_row_count(import: &Import, rows: i32) -> Result<(), JobError> {
+    if rows == import.total_rows {
+        return Ok(());
+    }
+    Err(format!(
+        "the stored file has {rows} rows, the upload had {}",
+        import.total_rows
+    )
+    .into())
+}
+
+/// Step 2 for a file whose orders' rows are together: each order is written as its last row
+/// goes by, a batch of orders per transaction. A batch always ends with a whole order, so its
+/// checkpoint (`processed_rows`) never splits one.
+async fn write_in_file_order(context: &Context, import: &Import) -> Result<(), JobError> {
+    let (mut file, has_note) = open_file(context, import).await?;
+    let mut batch = Orders::after(Checkpoint::Row(import.processed_rows));
+    let mut open: Option<OrderRows> = None;
+    let mut row = 0;
+    while let Some(record) = file.next_record().await? {
+        row += 1;
+        // Rows up to the checkpoint were written by an earlier run.
+        if row <= import.processed_rows {
+            continue;
+        }
+        let parsed = parse_row(row, record.fields(), has_note);
+        if let Some(staged) = parsed.staged {
+            if open
+                .as_ref()
+                .is_none_or(|o| *o.external_ref() != staged.external_ref)
+            {
+                // The open order's rows have all gone by: every row before this one is done.
+                if let Some(done) = open.take() {
+                    batch.add(done);
+                }
+                if batch.is_full() {
+                    batch
+                        .commit(context, import, Checkpoint::Row(row - 1))
+                        .await?;
+                }
+            }
+            open.get_or_insert_with(|| OrderRows::new(staged.external_ref.clone()))
+                .push(staged);
+        }
+        batch.add_row_errors(parsed.errors);
+    }
+    check_row_count(import, row)?;
+    if let Some(done) = open.take() {
+        batch.add(done);
+    }
+    batch.commit(context, import, Checkpoint::Row(row)).await
+}
+
+/// Step 2 for any other file, part 1: validate every row not yet staged and stage it, a batch
+/// per transaction. Part 2 ([`group`]) reads the staged rows back sorted by order.
+async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
+    let (mut file, has_note) = open_file(context, import).await?;
+    let mut batch = Staging::after(import.processed_rows);
     let mut row = 0;
     while let Some(record) = file.next_record().await? {
         row += 1;
@@ -191,15 +320,7 @@ async fn stage(context: &Context, import: &Import) -> Result<(), JobError> {
             }
         }
     }
-    if row != import.total_rows {
-        // The upload counted the rows; another count means the stored file is not the one that
-        // was uploaded. Fail loudly rather than import part of it.
-        return Err(format!(
-            "the stored file has {row} rows, the upload had {}",
-            import.total_rows
-        )
-        .into());
-    }
+    check_row_count(import, row)?;
     batch.commit(context, import.id, row).await
 }
 
@@ -253,19 +374,21 @@ impl<'a> StoredFile<'a> {
     }
 }
 
-/// Rows parsed since the last commit, and the checkpoint that commit left.
-struct Batch {
+/// Rows parsed since the last staging commit, and the checkpoint that commit left.
+struct Staging {
     staged: Vec<StagedRow>,
     errors: Vec<RowError>,
+    failed_rows: i32,
     rows: usize,
     committed_through: i32,
 }
 
-impl Batch {
+impl Staging {
     fn after(committed_through: i32) -> Self {
-        Batch {
+        Staging {
             staged: Vec::with_capacity(STAGE_BATCH_ROWS),
             errors: Vec::new(),
+            failed_rows: 0,
             rows: 0,
             committed_through,
         }
@@ -273,7 +396,10 @@ impl Batch {
 
     fn add(&mut self, parsed: ParsedRow) {
         self.staged.extend(parsed.staged);
-        self.errors.extend(parsed.errors);
+        if !parsed.errors.is_empty() {
+            self.failed_rows += 1;
+            self.errors.extend(parsed.errors);
+        }
         self.rows += 1;
     }
 
@@ -289,43 +415,164 @@ impl Batch {
         if store::lock_checkpoints(&mut tx, import_id).await?.0 != self.committed_through {
             return Err(Superseded.into());
         }
-        store::stage_batch(&mut tx, import_id, &self.staged, &self.errors, through_row).await?;
-        tx.commit().await?;
-        self.staged.clear();
-        self.errors.clear();
-        self.rows = 0;
-        self.committed_through = through_row;
-        if context.stop.is_cancelled() {
-            return Err(Released.into());
-        }
-        Ok(())
-    }
-}
-
-/// Step 2: turn the staged rows into orders, a range of external_refs per transaction.
-async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
-    let db = &context.db;
-    let mut after = import.grouped_through.clone();
-    while let Some(through) =
-        store::next_range(db, import.id, after.as_deref(), GROUP_BATCH_ORDERS).await?
-    {
-        let mut tx = db.begin().await?;
-        if store::lock_checkpoints(&mut tx, import.id).await?.1 != after {
-            return Err(Superseded.into());
-        }
-        store::group_range(
+        let counts = Counts {
+            failed_rows: self.failed_rows,
+            ..Counts::default()
+        };
+        store::stage_batch(
             &mut tx,
-            import.id,
-            import.owner_id,
-            after.as_deref(),
-            &through,
+            import_id,
+            &self.staged,
+            &self.errors,
+            counts,
+            through_row,
         )
         .await?;
         tx.commit().await?;
-        after = Some(through);
-        if context.stop.is_cancelled() {
-            return Err(Released.into());
+        self.staged.clear();
+        self.errors.clear();
+        self.failed_rows = 0;
+        self.rows = 0;
+        self.committed_through = through_row;
+        stop_if_asked(context)
+    }
+}
+
+/// Orders closed since the last commit, with the row errors of the rows they cover.
+struct Orders {
+    orders: Vec<NewOrder>,
+    errors: Vec<RowError>,
+    counts: Counts,
+    /// Where the last commit left the import (this run's start, before the first).
+    committed: Checkpoint<String>,
+}
+
+impl Orders {
+    fn after(committed: Checkpoint<String>) -> Self {
+        Orders {
+            orders: Vec::with_capacity(BATCH_ORDERS),
+            errors: Vec::new(),
+            counts: Counts::default(),
+            committed,
         }
+    }
+
+    fn add(&mut self, rows: OrderRows) {
+        let closed = rows.close();
+        self.add_row_errors_each(closed.errors);
+        match closed.order {
+            Some(order) => {
+                self.counts.imported_orders += 1;
+                self.orders.push(order);
+            }
+            None => self.counts.rejected_orders += 1,
+        }
+    }
+
+    /// The errors of one row.
+    fn add_row_errors(&mut self, errors: Vec<RowError>) {
+        if !errors.is_empty() {
+            self.counts.failed_rows += 1;
+            self.errors.extend(errors);
+        }
+    }
+
+    /// Errors of different rows, one each.
+    fn add_row_errors_each(&mut self, errors: Vec<RowError>) {
+        self.counts.failed_rows += i32::try_from(errors.len()).unwrap_or(i32::MAX);
+        self.errors.extend(errors);
+    }
+
+    fn is_full(&self) -> bool {
+        self.orders.len() + usize::try_from(self.counts.rejected_orders).unwrap_or(0)
+            >= BATCH_ORDERS
+    }
+
+    /// Writes the batch and moves the checkpoint to `through`, in one transaction, if the
+    /// checkpoint is still where this run left it; then stops if the worker is shutting down.
+    async fn commit(
+        &mut self,
+        context: &Context,
+        import: &Import,
+        through: Checkpoint<&str>,
+    ) -> Result<(), JobError> {
+        let mut tx = context.db.begin().await?;
+        let (row, grouped) = store::lock_checkpoints(&mut tx, import.id).await?;
+        let unchanged = match &self.committed {
+            Checkpoint::Row(committed) => row == *committed,
+            Checkpoint::Grouped(committed) => grouped.as_deref().unwrap_or_default() == committed,
+        };
+        if !unchanged {
+            return Err(Superseded.into());
+        }
+        store::write_orders(
+            &mut tx,
+            import.id,
+            import.owner_id,
+            &self.orders,
+            &self.errors,
+            self.counts,
+            through,
+        )
+        .await?;
+        tx.commit().await?;
+        self.orders.clear();
+        self.errors.clear();
+        self.counts = Counts::default();
+        self.committed = through.into_owned();
+        stop_if_asked(context)
+    }
+}
+
+/// After a commit: a worker that is shutting down hands the import on from here.
+fn stop_if_asked(context: &Context) -> Result<(), JobError> {
+    if context.stop.is_cancelled() {
+        return Err(Released.into());
+    }
+    Ok(())
+}
+
+/// Step 2 for any other file, part 2: the staged rows, read back sorted by order, become
+/// orders, a range of external_refs per transaction.
+async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
+    let db = &context.db;
+    let mut after = import.grouped_through.clone();
+    let mut batch = Orders::after(Checkpoint::Grouped(after.clone().unwrap_or_default()));
+    while let Some(through) =
+        store::next_range(db, import.id, after.as_deref(), BATCH_ORDERS as i64).await?
+    {
+        let mut open: Option<OrderRows> = None;
+        let mut rows = store::staged_rows(db, import.id, after.as_deref(), &through);
+        while let Some(stored) = rows.try_next().await? {
+            let staged = StagedRow::from_stored(
+                stored.row_no,
+                stored.external_ref,
+                stored.valid,
+                stored.currency,
+                stored.sku,
+                stored.quantity,
+                stored.unit_price_cents,
+                stored.note,
+            )
+            .map_err(|error| format!("a staged row does not parse: {error}"))?;
+            if open
+                .as_ref()
+                .is_some_and(|o| *o.external_ref() != staged.external_ref)
+                && let Some(done) = open.take()
+            {
+                batch.add(done);
+            }
+            open.get_or_insert_with(|| OrderRows::new(staged.external_ref.clone()))
+                .push(staged);
+        }
+        drop(rows);
+        if let Some(done) = open.take() {
+            batch.add(done);
+        }
+        batch
+            .commit(context, import, Checkpoint::Grouped(&through))
+            .await?;
+        after = Some(through);
     }
     Ok(())
 }

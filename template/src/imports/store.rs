@@ -1,5 +1,5 @@
 //! The SQL for imports: the stored upload, the import row and its counters, staged rows, row
-//! errors, and the set-wise step that turns staged rows into orders. Each job step commits its
+//! errors, and the batches of orders an import creates. Each job step commits its
 //! effects together with the counters and checkpoint that describe them.
 
 use chrono::{DateTime, Utc};
@@ -7,7 +7,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::domain::{ImportStatus, RowError, StagedRow};
-use crate::orders::domain::MAX_ITEMS;
+use crate::orders::domain::NewOrder;
 use crate::pagination::Keyset;
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,7 @@ pub struct Import {
     pub imported_orders: i32,
     pub rejected_orders: i32,
     pub failed_rows: i32,
+    pub rows_together: Option<bool>,
     pub staged: bool,
     pub grouped_through: Option<String>,
     pub request_id: Option<String>,
@@ -39,6 +40,7 @@ struct ImportRow {
     imported_orders: i32,
     rejected_orders: i32,
     failed_rows: i32,
+    rows_together: Option<bool>,
     staged: bool,
     grouped_through: Option<String>,
     request_id: Option<String>,
@@ -63,6 +65,7 @@ impl TryFrom<ImportRow> for Import {
             imported_orders: row.imported_orders,
             rejected_orders: row.rejected_orders,
             failed_rows: row.failed_rows,
+            rows_together: row.rows_together,
             staged: row.staged,
             grouped_through: row.grouped_through,
             request_id: row.request_id,
@@ -145,8 +148,8 @@ pub async fn insert(
         "INSERT INTO imports (id, owner_id, size_bytes, total_rows, request_id)
          VALUES ($1, $2, $3, $4, $5)
          RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
-                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
-                   started_at, finished_at",
+                   rejected_orders, failed_rows, rows_together, staged, grouped_through, request_id,
+                   created_at, started_at, finished_at",
         id,
         owner,
         size_bytes,
@@ -163,8 +166,8 @@ pub async fn find(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Impo
     sqlx::query_as!(
         ImportRow,
         "SELECT id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
-                rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
-                started_at, finished_at
+                rejected_orders, failed_rows, rows_together, staged, grouped_through, request_id,
+                created_at, started_at, finished_at
          FROM imports WHERE id = $1",
         id,
     )
@@ -185,8 +188,8 @@ pub async fn list(
     sqlx::query_as!(
         ImportRow,
         "SELECT id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
-                rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
-                started_at, finished_at
+                rejected_orders, failed_rows, rows_together, staged, grouped_through, request_id,
+                created_at, started_at, finished_at
          FROM imports WHERE owner_id = $1 AND (created_at, id) < ($2, $3)
          ORDER BY created_at DESC, id DESC LIMIT $4",
         owner,
@@ -243,8 +246,8 @@ pub async fn mark_running(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>>
         "UPDATE imports SET status = 'running', started_at = coalesce(started_at, now())
          WHERE id = $1 AND status IN ('queued', 'running')
          RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
-                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
-                   started_at, finished_at",
+                   rejected_orders, failed_rows, rows_together, staged, grouped_through, request_id,
+                   created_at, started_at, finished_at",
         id,
     )
     .fetch_optional(db)
@@ -270,6 +273,48 @@ pub async fn lock_checkpoints(
     Ok((row.processed_rows, row.grouped_through))
 }
 
+/// Records whether the file lists each order's rows together, unless a run already has; returns
+/// the recorded answer, so that every run of an import takes the same way.
+pub async fn record_rows_together(
+    db: &PgPool,
+    import_id: Uuid,
+    together: bool,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"UPDATE imports SET rows_together = coalesce(rows_together, $2) WHERE id = $1
+           RETURNING rows_together AS "together!""#,
+        import_id,
+        together,
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Where a committed batch leaves the import: the last row read from the file
+/// (`processed_rows`), or the last external_ref grouped from the staged rows (`grouped_through`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint<S> {
+    Row(i32),
+    Grouped(S),
+}
+
+impl Checkpoint<&str> {
+    pub fn into_owned(self) -> Checkpoint<String> {
+        match self {
+            Checkpoint::Row(row) => Checkpoint::Row(row),
+            Checkpoint::Grouped(through) => Checkpoint::Grouped(through.to_owned()),
+        }
+    }
+}
+
+/// What one batch adds to the import's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub imported_orders: i32,
+    pub rejected_orders: i32,
+    pub failed_rows: i32,
+}
+
 /// Stages one batch of rows with COPY, records its row errors, and moves `processed_rows` to
 /// `through_row`: all in the caller's transaction, so a batch is either wholly done or not at all.
 #[tracing::instrument(name = "import_rows.stage", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
@@ -278,6 +323,7 @@ pub async fn stage_batch(
     import_id: Uuid,
     rows: &[StagedRow],
     errors: &[RowError],
+    counts: Counts,
     through_row: i32,
 ) -> sqlx::Result<()> {
     if !rows.is_empty() {
@@ -294,26 +340,118 @@ pub async fn stage_batch(
         copy.send(text.into_bytes()).await?;
         copy.finish().await?;
     }
-    if !errors.is_empty() {
-        insert_errors(conn, import_id, errors).await?;
+    insert_errors(conn, import_id, errors).await?;
+    advance(conn, import_id, counts, Checkpoint::Row(through_row)).await
+}
+
+/// Creates one batch of orders with their items (an order whose (owner, external_ref) exists
+/// already is left as it is: importing the same rows again creates nothing), records the row
+/// errors, and moves the counters and the checkpoint: all in the caller's transaction.
+///
+/// One statement for all the orders and items of a batch, from arrays: the import's hot path.
+#[tracing::instrument(name = "imports.write_orders", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
+pub async fn write_orders(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+    owner: Uuid,
+    orders: &[NewOrder],
+    errors: &[RowError],
+    counts: Counts,
+    checkpoint: Checkpoint<&str>,
+) -> sqlx::Result<()> {
+    if !orders.is_empty() {
+        let lines: usize = orders.iter().map(|order| order.items.len()).sum();
+        let mut o = OrderColumns::with_capacity(orders.len());
+        let mut i = ItemColumns::with_capacity(lines);
+        for order in orders {
+            // UUIDv7, as for orders created through the API: ids that grow append to the indexes.
+            let id = Uuid::now_v7();
+            o.ids.push(id);
+            o.currencies.push(order.currency.get());
+            o.totals.push(order.total_cents());
+            o.notes
+                .push(order.note.as_ref().map(|note| note.get().as_str()));
+            o.refs
+                .push(order.external_ref.as_ref().map(|r| r.get().as_str()));
+            for (position, item) in (1..).zip(&order.items) {
+                i.order_ids.push(id);
+                i.positions.push(position);
+                i.skus.push(item.sku.get());
+                i.quantities.push(*item.quantity.get());
+                i.prices.push(*item.unit_price.get());
+            }
+        }
+        sqlx::query!(
+            "WITH created AS (
+                 INSERT INTO orders (id, owner_id, currency, total_cents, note, external_ref)
+                 SELECT id, $1, currency, total_cents, note, external_ref
+                 FROM UNNEST($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[])
+                      AS o (id, currency, total_cents, note, external_ref)
+                 ON CONFLICT (owner_id, external_ref) WHERE external_ref IS NOT NULL DO NOTHING
+                 RETURNING id
+             )
+             INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
+             SELECT i.order_id, i.position, i.sku, i.quantity, i.unit_price_cents
+             FROM UNNEST($7::uuid[], $8::integer[], $9::text[], $10::bigint[], $11::bigint[])
+                  AS i (order_id, position, sku, quantity, unit_price_cents)
+             WHERE i.order_id IN (SELECT id FROM created)",
+            owner,
+            &o.ids,
+            &o.currencies as &[&String],
+            &o.totals,
+            &o.notes as &[Option<&str>],
+            &o.refs as &[Option<&str>],
+            &i.order_ids,
+            &i.positions,
+            &i.skus as &[&String],
+            &i.quantities,
+            &i.prices,
+        )
+        .execute(&mut *conn)
+        .await?;
     }
-    let failed = i32::try_from(
-        errors
-            .iter()
-            .map(|e| e.row)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len(),
-    )
-    .unwrap_or(i32::MAX);
-    sqlx::query!(
-        "UPDATE imports SET processed_rows = $2, failed_rows = failed_rows + $3 WHERE id = $1",
-        import_id,
-        through_row,
-        failed,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+    insert_errors(conn, import_id, errors).await?;
+    advance(conn, import_id, counts, checkpoint).await
+}
+
+struct OrderColumns<'a> {
+    ids: Vec<Uuid>,
+    currencies: Vec<&'a String>,
+    totals: Vec<i64>,
+    notes: Vec<Option<&'a str>>,
+    refs: Vec<Option<&'a str>>,
+}
+
+impl OrderColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        OrderColumns {
+            ids: Vec::with_capacity(n),
+            currencies: Vec::with_capacity(n),
+            totals: Vec::with_capacity(n),
+            notes: Vec::with_capacity(n),
+            refs: Vec::with_capacity(n),
+        }
+    }
+}
+
+struct ItemColumns<'a> {
+    order_ids: Vec<Uuid>,
+    positions: Vec<i32>,
+    skus: Vec<&'a String>,
+    quantities: Vec<i64>,
+    prices: Vec<i64>,
+}
+
+impl ItemColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        ItemColumns {
+            order_ids: Vec::with_capacity(n),
+            positions: Vec::with_capacity(n),
+            skus: Vec::with_capacity(n),
+            quantities: Vec::with_capacity(n),
+            prices: Vec::with_capacity(n),
+        }
+    }
 }
 
 async fn insert_errors(
@@ -321,6 +459,9 @@ async fn insert_errors(
     import_id: Uuid,
     errors: &[RowError],
 ) -> sqlx::Result<()> {
+    if errors.is_empty() {
+        return Ok(());
+    }
     let rows: Vec<i32> = errors.iter().map(|e| e.row).collect();
     let fields: Vec<&str> = errors.iter().map(|e| e.field).collect();
     let codes: Vec<&str> = errors.iter().map(|e| e.code.as_ref()).collect();
@@ -333,6 +474,35 @@ async fn insert_errors(
         &fields as &[&str],
         &codes as &[&str],
         &messages as &[&str],
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn advance(
+    conn: &mut PgConnection,
+    import_id: Uuid,
+    counts: Counts,
+    checkpoint: Checkpoint<&str>,
+) -> sqlx::Result<()> {
+    let (row, grouped) = match checkpoint {
+        Checkpoint::Row(row) => (Some(row), None),
+        Checkpoint::Grouped(through) => (None, Some(through)),
+    };
+    sqlx::query!(
+        "UPDATE imports SET imported_orders = imported_orders + $2,
+                            rejected_orders = rejected_orders + $3,
+                            failed_rows = failed_rows + $4,
+                            processed_rows = coalesce($5, processed_rows),
+                            grouped_through = coalesce($6, grouped_through)
+         WHERE id = $1",
+        import_id,
+        counts.imported_orders,
+        counts.rejected_orders,
+        counts.failed_rows,
+        row,
+        grouped,
     )
     .execute(conn)
     .await?;
@@ -374,112 +544,37 @@ pub async fn next_range(
     .await
 }
 
-/// Turns the staged rows with external_ref in (`after`, `through`] into draft orders owned by
-/// `owner`, and commits the counters and the checkpoint with them (caller's transaction).
-///
-/// Set-wise in SQL rather than row by row: this is the import's hot path. The order-level rules
-/// (one currency per order, at most `MAX_ITEMS` items) are checked here, where the rows of an
-/// order first meet; the field rules were checked row by row in Rust when the rows were staged.
-#[tracing::instrument(name = "imports.group", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
-pub async fn group_range(
-    conn: &mut PgConnection,
+/// A staged row as stored; [`StagedRow::from_stored`] parses it.
+pub struct StoredRow {
+    pub row_no: i32,
+    pub external_ref: String,
+    pub valid: bool,
+    pub currency: Option<String>,
+    pub sku: Option<String>,
+    pub quantity: Option<i64>,
+    pub unit_price_cents: Option<i64>,
+    pub note: Option<String>,
+}
+
+/// The staged rows with external_ref in (`after`, `through`], each order's rows together and in
+/// row order (the primary key's order), as a stream: one order may have any number of rows.
+pub fn staged_rows<'a>(
+    db: &'a PgPool,
     import_id: Uuid,
-    owner: Uuid,
-    after: Option<&str>,
-    through: &str,
-) -> sqlx::Result<()> {
-    let max_items = i64::try_from(MAX_ITEMS).unwrap_or(i64::MAX);
-    let failed_rows = sqlx::query_scalar!(
-        r#"WITH ranked AS (
-               SELECT external_ref, row_no, currency,
-                      row_number() OVER w AS position,
-                      first_value(currency) OVER w AS order_currency
-               FROM import_rows
-               WHERE import_id = $1 AND external_ref > coalesce($2, '') AND external_ref <= $3 AND valid
-               WINDOW w AS (PARTITION BY external_ref ORDER BY row_no)
-           ),
-           bad AS (
-               SELECT external_ref, row_no, 'currency' AS field, 'currency_mismatch' AS code,
-                      'differs from the currency of the first row of this order' AS message
-               FROM ranked WHERE currency <> order_currency
-               UNION ALL
-               SELECT external_ref, row_no, 'external_ref', 'too_many_items',
-                      'an order has at most ' || $4::bigint || ' items'
-               FROM ranked WHERE currency = order_currency AND position > $4::bigint
-           ),
-           marked AS (
-               UPDATE import_rows r SET valid = false FROM bad
-               WHERE r.import_id = $1 AND r.external_ref = bad.external_ref AND r.row_no = bad.row_no
-           ),
-           recorded AS (
-               INSERT INTO import_errors (import_id, row_no, field, code, message)
-               SELECT $1, row_no, field, code, message FROM bad
-           )
-           SELECT count(*)::integer AS "failed!" FROM bad"#,
+    after: Option<&'a str>,
+    through: &'a str,
+) -> futures::stream::BoxStream<'a, sqlx::Result<StoredRow>> {
+    sqlx::query_as!(
+        StoredRow,
+        "SELECT row_no, external_ref, valid, currency, sku, quantity, unit_price_cents, note
+         FROM import_rows
+         WHERE import_id = $1 AND external_ref > coalesce($2, '') AND external_ref <= $3
+         ORDER BY external_ref, row_no",
         import_id,
         after,
         through,
-        max_items,
     )
-    .fetch_one(&mut *conn)
-    .await?;
-
-    // Each order's items travel as arrays from the grouping to the insert, so the items are not
-    // read from `import_rows` a second time.
-    let counts = sqlx::query!(
-        r#"WITH groups AS (
-               SELECT external_ref, bool_and(valid) AS valid, min(currency) AS currency,
-                      sum(quantity * unit_price_cents) AS total_cents,
-                      (array_agg(note ORDER BY row_no) FILTER (WHERE note IS NOT NULL))[1] AS note,
-                      array_agg(sku ORDER BY row_no) AS skus,
-                      array_agg(quantity ORDER BY row_no) AS quantities,
-                      array_agg(unit_price_cents ORDER BY row_no) AS prices
-               FROM import_rows
-               WHERE import_id = $1 AND external_ref > coalesce($2, '') AND external_ref <= $3
-               GROUP BY external_ref
-           ),
-           created AS (
-               INSERT INTO orders (id, owner_id, currency, total_cents, note, external_ref)
-               SELECT uuid_v7(), $4, currency, total_cents, note, external_ref
-               FROM groups WHERE valid
-               ORDER BY external_ref
-               ON CONFLICT (owner_id, external_ref) WHERE external_ref IS NOT NULL DO NOTHING
-               RETURNING id, external_ref
-           ),
-           items AS (
-               INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
-               SELECT created.id, item.position, item.sku, item.quantity, item.unit_price_cents
-               FROM created
-               JOIN groups USING (external_ref),
-               unnest(groups.skus, groups.quantities, groups.prices)
-                   WITH ORDINALITY AS item (sku, quantity, unit_price_cents, position)
-           )
-           SELECT count(*) FILTER (WHERE valid)::integer AS "imported!",
-                  count(*) FILTER (WHERE NOT valid)::integer AS "rejected!"
-           FROM groups"#,
-        import_id,
-        after,
-        through,
-        owner,
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-
-    sqlx::query!(
-        "UPDATE imports SET imported_orders = imported_orders + $2,
-                            rejected_orders = rejected_orders + $3,
-                            failed_rows = failed_rows + $4,
-                            grouped_through = $5
-         WHERE id = $1",
-        import_id,
-        counts.imported,
-        counts.rejected,
-        failed_rows,
-        through,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch(db)
 }
 
 /// The final state, committed with whatever must happen exactly once after it (the caller's
@@ -494,8 +589,8 @@ pub async fn finish(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Op
              finished_at = now()
          WHERE id = $1 AND status = 'running'
          RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
-                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
-                   started_at, finished_at",
+                   rejected_orders, failed_rows, rows_together, staged, grouped_through, request_id,
+                   created_at, started_at, finished_at",
         import_id,
     )
     .fetch_optional(conn)
@@ -511,8 +606,8 @@ pub async fn fail(conn: &mut PgConnection, import_id: Uuid) -> sqlx::Result<Opti
         "UPDATE imports SET status = 'failed', finished_at = now()
          WHERE id = $1 AND status IN ('queued', 'running')
          RETURNING id, owner_id, status, size_bytes, total_rows, processed_rows, imported_orders,
-                   rejected_orders, failed_rows, staged, grouped_through, request_id, created_at,
-                   started_at, finished_at",
+                   rejected_orders, failed_rows, rows_together, staged, grouped_through, request_id,
+                   created_at, started_at, finished_at",
         import_id,
     )
     .fetch_optional(conn)

@@ -22,7 +22,7 @@ use crate::harness::{
 
 const HEADER: &str = "external_ref,currency,sku,quantity,unit_price_cents,note\n";
 
-/// `orders` orders of `lines` rows each, all valid.
+/// `orders` orders of `lines` rows each, all valid, each order's rows together.
 pub(crate) fn csv(orders: usize, lines: usize) -> String {
     csv_from(0, orders, lines)
 }
@@ -32,6 +32,21 @@ fn csv_from(first: usize, orders: usize, lines: usize) -> String {
     let mut csv = String::from(HEADER);
     for order in first..first + orders {
         for line in 0..lines {
+            csv.push_str(&format!(
+                "PO-{order:07},EUR,SKU-{line},{},{},\n",
+                line + 1,
+                100 + order % 50
+            ));
+        }
+    }
+    csv
+}
+
+/// The rows of [`csv`], each order's rows scattered over the file (still in their order).
+fn csv_scattered(orders: usize, lines: usize) -> String {
+    let mut csv = String::from(HEADER);
+    for line in 0..lines {
+        for order in 0..orders {
             csv.push_str(&format!(
                 "PO-{order:07},EUR,SKU-{line},{},{},\n",
                 line + 1,
@@ -506,53 +521,49 @@ async fn wait_for(app: &TestApp, token: &str, id: &str, ready: impl Fn(&Value) -
     }
 }
 
-#[sqlx::test]
-async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
+/// Kills a real worker process with SIGKILL twice while it imports `file` (once `first_kill`
+/// holds, then once `second_kill` holds, given the progress seen at the first), lets a third
+/// worker finish, and compares everything with an uninterrupted import of the same file.
+async fn killed_twice_and_compared(
+    db: &PgPool,
+    file: String,
+    first_kill: impl Fn(&Value) -> bool,
+    second_kill: impl Fn(&Value, &Value) -> bool,
+) -> Value {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
-    let file = csv(20_000, 5);
-    let total = 100_000;
+    let total = i64::try_from(file.lines().count() - 1).unwrap();
 
     // The reference: the same file, imported by an uninterrupted worker.
     let (reference_user, reference_token) = app.token_for(Role::Customer).await;
     let (user, token) = app.token_for(Role::Customer).await;
-    let mut worker = start_worker(&db, &[]).await;
+    let mut worker = start_worker(db, &[]).await;
     let accepted: Value = upload(&app, &reference_token, file.clone(), "ref")
         .await
         .json()
         .await
         .unwrap();
     let reference = finished(&app, &reference_token, accepted["id"].as_str().unwrap()).await;
-    assert_eq!(reference["status"], "succeeded", "{reference}");
+    assert!(reference["status"] != "failed", "{reference}");
 
-    // Kill -9 while rows are being staged, then again while orders are being created.
     let accepted: Value = upload(&app, &token, file, "killed")
         .await
         .json()
         .await
         .unwrap();
     let id = accepted["id"].as_str().unwrap();
-    let staging = wait_for(&app, &token, id, |i| {
-        i["processed_rows"].as_i64().is_some_and(|n| n > 0)
-    })
-    .await;
+    let first = wait_for(&app, &token, id, &first_kill).await;
     worker.kill().await.unwrap();
     assert!(
-        staging["processed_rows"].as_i64().unwrap() < total,
-        "killed mid-staging: {staging}"
+        first["processed_rows"].as_i64().unwrap() < total,
+        "killed mid-way: {first}"
     );
 
-    let mut worker = start_worker(&db, &[]).await;
-    let grouping = wait_for(&app, &token, id, |i| {
-        i["imported_orders"].as_i64().is_some_and(|n| n > 0)
-    })
-    .await;
+    let mut worker = start_worker(db, &[]).await;
+    let second = wait_for(&app, &token, id, |i| second_kill(&first, i)).await;
     worker.kill().await.unwrap();
-    assert_eq!(
-        grouping["status"], "running",
-        "killed mid-grouping: {grouping}"
-    );
+    assert_eq!(second["status"], "running", "killed mid-way: {second}");
 
-    let worker = start_worker(&db, &[]).await;
+    let worker = start_worker(db, &[]).await;
     let done = finished(&app, &token, id).await;
     for counter in [
         "status",
@@ -568,12 +579,126 @@ async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
         );
     }
     assert_eq!(
-        orders_of(&db, user.id).await,
-        orders_of(&db, reference_user.id).await
+        orders_of(db, user.id).await,
+        orders_of(db, reference_user.id).await
     );
-    let (_, attempts) = import_jobs(&db).await;
+    let (_, attempts) = import_jobs(db).await;
     assert!(attempts >= 3, "the job ran three times: {attempts}");
     terminate(&worker);
+    done
+}
+
+/// Whether the worker took the file's rows as they came (`true`) or staged and sorted them.
+async fn rows_together(db: &PgPool, import: &Value) -> bool {
+    sqlx::query_scalar("SELECT rows_together FROM imports WHERE id = $1::uuid")
+        .bind(import["id"].as_str().unwrap())
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test]
+async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
+    // Each order's rows together: orders are written as the file is read. Killed once the first
+    // batch is in, then again after the next worker has written more.
+    let done = killed_twice_and_compared(
+        &db,
+        csv(20_000, 5),
+        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
+        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
+    )
+    .await;
+    assert!(rows_together(&db, &done).await);
+}
+
+#[sqlx::test]
+async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothing(db: PgPool) {
+    // Each order's rows scattered over the file: staged, then grouped. Killed while rows are
+    // staged, then while orders are being created from them.
+    let done = killed_twice_and_compared(
+        &db,
+        csv_scattered(20_000, 5),
+        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
+        |_, i| i["imported_orders"].as_i64().is_some_and(|n| n > 0),
+    )
+    .await;
+    assert!(!rows_together(&db, &done).await);
+}
+
+#[sqlx::test]
+async fn the_order_of_the_rows_in_the_file_does_not_change_what_is_imported(db: PgPool) {
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, with_workers(&[])).await;
+    // Valid orders, and orders broken in every way an order can be: a bad field (PO-005), two
+    // currencies (PO-003), too many items (PO-007), a short row (PO-009).
+    let orders: Vec<Vec<String>> = (0..30)
+        .map(|order| {
+            let lines = if order == 7 { 102 } else { 1 + order % 4 };
+            (0..lines)
+                .map(|line| match (order, line) {
+                    (9, 0) => format!("PO-{order:03},EUR,A,1"),
+                    (3, 1) => format!("PO-{order:03},USD,SKU-{line},1,100,"),
+                    (5, 0) => format!("PO-{order:03},EUR,SKU-{line},0,100,"),
+                    _ => format!(
+                        "PO-{order:03},EUR,SKU-{line},{},{},n{order}",
+                        line + 1,
+                        100 + order
+                    ),
+                })
+                .collect()
+        })
+        .collect();
+    let together: Vec<&String> = orders.iter().flatten().collect();
+    // Round robin over the orders: each order's rows stay in their order, far apart.
+    let scattered: Vec<&String> = (0..102)
+        .flat_map(|line| orders.iter().filter_map(move |rows| rows.get(line)))
+        .collect();
+    let mut results = Vec::new();
+    for (file, is_together) in [(together, true), (scattered, false)] {
+        let body = format!(
+            "{HEADER}{}\n",
+            file.iter()
+                .map(|row| row.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let (user, token) = app.token_for(Role::Customer).await;
+        let accepted: Value = upload(&app, &token, body, "order-of-rows")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let done = finished(&app, &token, accepted["id"].as_str().unwrap()).await;
+        assert_eq!(rows_together(&db, &done).await, is_together);
+        let errors: Value = app
+            .get_json(
+                &format!(
+                    "/v1/imports/{}/errors?limit=100",
+                    done["id"].as_str().unwrap()
+                ),
+                &token,
+            )
+            .await;
+        let mut codes: Vec<(String, String)> = errors["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["field"].as_str().unwrap().into(),
+                    e["code"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        codes.sort();
+        let counters: Vec<_> = ["imported_orders", "rejected_orders", "failed_rows"]
+            .iter()
+            .map(|c| done[c].as_i64().unwrap())
+            .collect();
+        results.push((counters, codes, orders_of(&db, user.id).await));
+    }
+    assert_eq!(results[0].0, [26, 4, 5], "{:?}", results[0].1);
+    assert_eq!(results[0], results[1]);
+    app.stopped().await.unwrap();
 }
 
 /// A partner endpoint that fails twice, then hangs past the timeout once, then answers 200.
@@ -772,16 +897,24 @@ async fn the_kill_switch_turns_imports_off_and_nothing_else(db: PgPool) {
 async fn a_stored_file_that_lost_rows_fails_the_import_instead_of_importing_part(db: PgPool) {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
     let (_, token) = app.token_for(Role::Customer).await;
-    let accepted: Value = upload(&app, &token, csv(10, 1), "truncated")
+    // More orders than one batch writes, so that writing any before the count is checked would
+    // show.
+    let file = csv(3_000, 1);
+    let accepted: Value = upload(&app, &token, file.clone(), "truncated")
         .await
         .json()
         .await
         .unwrap();
     let id: uuid::Uuid = accepted["id"].as_str().unwrap().parse().unwrap();
-    // The stored copy now holds one row of the ten the upload counted.
+    // The stored copy now holds 2 500 rows of the 3 000 the upload counted.
+    let truncated: String = file
+        .lines()
+        .take(2_501)
+        .flat_map(|line| [line, "\n"])
+        .collect();
     sqlx::query("UPDATE import_files SET data = convert_to($2, 'UTF8') WHERE import_id = $1")
         .bind(id)
-        .bind(format!("{HEADER}PO-1,EUR,A,1,1,\n"))
+        .bind(truncated)
         .execute(&db)
         .await
         .unwrap();
