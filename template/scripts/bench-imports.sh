@@ -58,7 +58,7 @@ seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 per_second() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / s }'; }
 
 phase() { { grep "\"message\":\"$1\"" "$work/worker.log" || true; } | tail -n 1 | sed -n 's/.*"elapsed_ms":"\{0,1\}\([0-9]*\).*/\1/p' | awk '{ printf "%.2f", $1 / 1000 }'; }
-printf '\n%-12s %-9s %-12s %-14s %-14s %-10s %-9s %-10s %-10s %-10s %s\n' rows "file MiB" "COPY rows/s" "import rows/s" \
+printf '\n%-18s %-9s %-12s %-14s %-14s %-10s %-9s %-10s %-10s %-10s %s\n' rows "file MiB" "COPY rows/s" "import rows/s" \
   "end-to-end s" "% of COPY" "upload s" "reading s" "staging s" "writing s" "worker peak RSS MiB"
 for size in "${sizes[@]}"; do
   # "1000000" lists each order's rows together; "1000000-scattered" deals them out round robin,
@@ -104,7 +104,7 @@ PY
   share=$(awk -v a="$import_rate" -v b="$copy_rate" 'BEGIN { printf "%.0f%%", 100 * a / b }')
   staging=-
   [ "$size" = "$rows" ] || staging=$(phase 'rows staged')
-  printf '%-12s %-9s %-12s %-14s %-14s %-10s %-9s %-10s %-10s %-10s %s\n' "$size" "$mib" "$copy_rate" "$import_rate" \
+  printf '%-18s %-9s %-12s %-14s %-14s %-10s %-9s %-10s %-10s %-10s %s\n' "$size" "$mib" "$copy_rate" "$import_rate" \
     "$total_seconds" "$share" "$upload_seconds" "$(phase 'file read')" "$staging" "$(phase 'orders written')" "$rss_mib"
   rm -f "$file"
 done
