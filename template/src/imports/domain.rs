@@ -76,8 +76,17 @@ pub struct ParsedRow {
 
 /// The order a row belongs to, from its first field: the same rule [`parse_row`] applies.
 pub fn order_key(raw: &[u8]) -> Option<ExternalRef> {
-    let text = std::str::from_utf8(raw).ok()?;
-    ExternalRef::parse(text.to_owned()).ok()
+    ExternalRef::parse(decode(raw).ok()?.to_owned()).ok()
+}
+
+/// A field as text: UTF-8, without NUL (which Postgres cannot store in `text`, and which would
+/// fail a whole batch instead of one row).
+fn decode(raw: &[u8]) -> Result<&str, ValidationError> {
+    match std::str::from_utf8(raw) {
+        Ok(text) if !text.contains('\0') => Ok(text),
+        Ok(_) => Err(invalid("encoding", "contains a NUL character")),
+        Err(_) => Err(invalid("encoding", "is not valid UTF-8")),
+    }
 }
 
 /// Parses one data row. `fields` are the raw bytes of its fields; `has_note` says whether the
@@ -210,40 +219,26 @@ impl OrderRows {
         self.valid_rows += 1;
         let currency = self.currency.get_or_insert_with(|| line.currency.clone());
         if line.currency != *currency {
-            self.reject(
-                row.row,
-                "currency",
-                "currency_mismatch",
-                Cow::Borrowed(CURRENCY_MISMATCH),
-            );
+            self.reject(row.row, "currency", "currency_mismatch", CURRENCY_MISMATCH);
         } else if self.valid_rows > MAX_ITEMS {
-            let message = format!("an order has at most {MAX_ITEMS} items");
-            self.reject(
-                row.row,
-                "external_ref",
-                "too_many_items",
-                Cow::Owned(message),
-            );
+            // Counted over every valid row, those with another currency too.
+            self.reject(row.row, "external_ref", "too_many_items", TOO_MANY_ITEMS);
         } else if !self.rejected {
             self.note = self.note.take().or(line.note);
             self.items.push(line.item);
         }
     }
 
-    fn reject(
-        &mut self,
-        row: i32,
-        field: &'static str,
-        code: &'static str,
-        message: Cow<'static, str>,
-    ) {
+    /// Rejects the order for a rule `row` broke; the messages are static, so a rejected order
+    /// of a million rows costs one small error each, no text.
+    fn reject(&mut self, row: i32, field: &'static str, code: &'static str, message: &'static str) {
         self.rejected = true;
         self.items = Vec::new();
         self.errors.push(RowError {
             row,
             field,
             code: Cow::Borrowed(code),
-            message,
+            message: Cow::Borrowed(message),
         });
     }
 
@@ -265,6 +260,8 @@ impl OrderRows {
 }
 
 const CURRENCY_MISMATCH: &str = "differs from the currency of the first row of this order";
+/// Says [`MAX_ITEMS`]; a unit test holds the two together.
+const TOO_MANY_ITEMS: &str = "an order has at most 100 items";
 
 /// Collects the errors of one row; each step yields `None` for a field that failed.
 struct RowParser {
@@ -283,13 +280,7 @@ impl RowParser {
     }
 
     fn text(&mut self, field: &'static str, raw: &[u8]) -> Option<String> {
-        match std::str::from_utf8(raw) {
-            Ok(text) => Some(text.to_owned()),
-            Err(_) => {
-                self.report(field, invalid("encoding", "is not valid UTF-8"));
-                None
-            }
-        }
+        self.check(field, decode(raw)).map(str::to_owned)
     }
 
     fn integer(&mut self, field: &'static str, raw: &[u8]) -> Option<i64> {
@@ -437,6 +428,17 @@ mod tests {
     }
 
     #[test]
+    fn text_postgres_cannot_store_is_a_row_error() {
+        let parsed = parse("PO-1,EUR,A,1,1,a\0b", true);
+        assert_eq!(
+            (parsed.errors[0].field, parsed.errors[0].code.as_ref()),
+            ("note", "encoding")
+        );
+        assert_eq!(parsed.staged.unwrap().line, None);
+        assert!(order_key(b"PO\0").is_none());
+    }
+
+    #[test]
     fn a_row_without_a_usable_reference_belongs_to_no_order() {
         let parsed = parse(",EUR,A,1,1", false);
         assert_eq!(parsed.errors[0].field, "external_ref");
@@ -492,6 +494,7 @@ mod tests {
         assert!(closed.order.is_none());
         let rows: Vec<_> = closed.errors.iter().map(|e| (e.row, e.field)).collect();
         assert_eq!(rows, [(101, "external_ref"), (102, "external_ref")]);
+        assert!(closed.errors[0].message.contains(&MAX_ITEMS.to_string()));
     }
 
     #[test]

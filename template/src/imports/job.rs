@@ -1,4 +1,4 @@
-//! The import job: stage the file's rows, group them into orders, finish.
+//! The import job: read the file, write its orders (straight, or staged and sorted), finish.
 //!
 //! Every step commits its effects together with the progress counters and the checkpoint that
 //! describe them, so a run that dies anywhere (SIGKILL, a lost connection) resumes at the last
@@ -15,14 +15,16 @@
 //!    rules over an order's rows ([`OrderRows`]) are the same on both ways.
 //! 3. Finishing sets the final status and enqueues the webhook notification in one transaction.
 
+use std::collections::VecDeque;
+
 use apalis::prelude::*;
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
-
-use futures::TryStreamExt;
 
 use super::csv::{Records, Step, check_header};
 use super::domain::{OrderRows, ParsedRow, RowError, StagedRow, order_key, parse_row};
@@ -136,11 +138,14 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
         tracing::info!("the import is already finished");
         return Ok(());
     };
+    let started_staged = import.staged || import.processed_rows > 0;
     let together = match import.rows_together {
         Some(together) => together,
+        // Progress without a recorded way: begun by a version that only staged.
+        None if started_staged || import.grouped_through.is_some() => false,
         None => {
             let started = std::time::Instant::now();
-            let together = rows_together(context, &import).await?;
+            let together = rows_are_together(context, &import).await?;
             let together = store::record_rows_together(&context.db, import_id, together).await?;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis(),
@@ -196,15 +201,16 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
 
 /// Whether each order's rows are next to each other in the file (as a file exported from another
 /// system usually lists them), after checking that the stored file has the rows the upload
-/// counted. If they are, the orders can be written while the file is read, each as
-/// soon as its last row has gone by. Reading the stored file once more costs far less than
-/// staging and sorting it.
+/// counted. If they are, the orders can be written while the file is read, each as soon as its
+/// last row has gone by. Reading the stored file once more costs far less than staging and
+/// sorting it. A row that names no usable order ends the order before it here, as it does when
+/// the orders are written.
 ///
 /// Exact for every order that runs on (its own external_ref compared); an order seen before is
-/// remembered by a 64-bit hash of its external_ref, 8 bytes per order. Two external_refs with
-/// the same hash can only make a file look scattered, which sends it the slower way, never
-/// the wrong one.
-async fn rows_together(context: &Context, import: &Import) -> Result<bool, JobError> {
+/// remembered by a 64-bit hash of its external_ref (a hash set: 10–20 bytes per order). Two
+/// external_refs with the same hash can only make a file look scattered, which sends it the
+/// slower way, never the wrong one.
+async fn rows_are_together(context: &Context, import: &Import) -> Result<bool, JobError> {
     use std::hash::BuildHasher;
     let hasher = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
     let (mut file, _) = open_file(context, import).await?;
@@ -217,18 +223,20 @@ async fn rows_together(context: &Context, import: &Import) -> Result<bool, JobEr
         if !together {
             continue;
         }
-        let Some(external_ref) = record.fields().next().and_then(order_key) else {
-            continue;
-        };
-        if current.as_ref() == Some(&external_ref) {
+        let next = record.fields().next().and_then(order_key);
+        if current == next {
             continue;
         }
-        if let Some(previous) = current.replace(external_ref) {
+        if let Some(previous) = std::mem::replace(&mut current, next) {
             seen.insert(hasher.hash_one(previous.get()));
         }
         together = !current
             .as_ref()
             .is_some_and(|now| seen.contains(&hasher.hash_one(now.get())));
+        if !together {
+            // Only the row count is left to check.
+            seen = Default::default();
+        }
     }
     // Before anything is written: a stored file that is not the upload imports nothing.
     check_row_count(import, rows)?;
@@ -267,8 +275,9 @@ fn check_row_count(import: &Import, rows: i32) -> Result<(), JobError> {
 /// checkpoint (`processed_rows`) never splits one.
 async fn write_in_file_order(context: &Context, import: &Import) -> Result<(), JobError> {
     let (mut file, has_note) = open_file(context, import).await?;
-    let mut batch = Orders::after(Checkpoint::Row(import.processed_rows));
-    let mut open: Option<OrderRows> = None;
+    let mut writer = Writer::after(context, import, Checkpoint::Row(import.processed_rows));
+    let mut batch = Orders::default();
+    let mut open = OpenOrder::default();
     let mut row = 0;
     while let Some(record) = file.next_record().await? {
         row += 1;
@@ -277,31 +286,21 @@ async fn write_in_file_order(context: &Context, import: &Import) -> Result<(), J
             continue;
         }
         let parsed = parse_row(row, record.fields(), has_note);
+        let next = parsed.staged.as_ref().map(|staged| &staged.external_ref);
+        if open.close_unless_continued(next, &mut batch) && batch.is_full() {
+            // Every row before this one is done: a checkpoint here splits no order.
+            let full = std::mem::take(&mut batch);
+            writer.write(full, Checkpoint::Row(row - 1)).await?;
+        }
         if let Some(staged) = parsed.staged {
-            if open
-                .as_ref()
-                .is_none_or(|o| *o.external_ref() != staged.external_ref)
-            {
-                // The open order's rows have all gone by: every row before this one is done.
-                if let Some(done) = open.take() {
-                    batch.add(done);
-                }
-                if batch.is_full() {
-                    batch
-                        .commit(context, import, Checkpoint::Row(row - 1))
-                        .await?;
-                }
-            }
-            open.get_or_insert_with(|| OrderRows::new(staged.external_ref.clone()))
-                .push(staged);
+            open.push(staged);
         }
         batch.add_row_errors(parsed.errors);
     }
     check_row_count(import, row)?;
-    if let Some(done) = open.take() {
-        batch.add(done);
-    }
-    batch.commit(context, import, Checkpoint::Row(row)).await
+    open.close_unless_continued(None, &mut batch);
+    writer.write(batch, Checkpoint::Row(row)).await?;
+    writer.finish().await
 }
 
 /// Step 2 for any other file, part 1: validate every row not yet staged and stage it, a batch
@@ -438,28 +437,48 @@ impl Staging {
     }
 }
 
-/// Orders closed since the last commit, with the row errors of the rows they cover.
+/// The order whose rows are being read. Rows come grouped by order (the file's rows together,
+/// or staged rows sorted), so an order is complete when a row of another order, or a row that
+/// belongs to none, comes by.
+#[derive(Default)]
+struct OpenOrder(Option<OrderRows>);
+
+impl OpenOrder {
+    /// Closes the open order into `batch` unless the next row (`next`: its order, if it has one)
+    /// belongs to it. True when every row before the next one is done.
+    fn close_unless_continued(&mut self, next: Option<&ExternalRef>, batch: &mut Orders) -> bool {
+        match (&self.0, next) {
+            (Some(open), Some(next)) if open.external_ref() == next => false,
+            _ => {
+                if let Some(done) = self.0.take() {
+                    batch.add(done);
+                }
+                true
+            }
+        }
+    }
+
+    fn push(&mut self, row: StagedRow) {
+        self.0
+            .get_or_insert_with(|| OrderRows::new(row.external_ref.clone()))
+            .push(row);
+    }
+}
+
+/// Orders closed since the last batch, with the row errors of the rows they cover.
+#[derive(Default)]
 struct Orders {
     orders: Vec<NewOrder>,
     errors: Vec<RowError>,
     counts: Counts,
-    /// Where the last commit left the import (this run's start, before the first).
-    committed: Checkpoint<String>,
 }
 
 impl Orders {
-    fn after(committed: Checkpoint<String>) -> Self {
-        Orders {
-            orders: Vec::with_capacity(BATCH_ORDERS),
-            errors: Vec::new(),
-            counts: Counts::default(),
-            committed,
-        }
-    }
-
     fn add(&mut self, rows: OrderRows) {
         let closed = rows.close();
-        self.add_row_errors_each(closed.errors);
+        // Each of these is a different row's, and a row with one has no error of its own.
+        self.counts.failed_rows += i32::try_from(closed.errors.len()).unwrap_or(i32::MAX);
+        self.errors.extend(closed.errors);
         match closed.order {
             Some(order) => {
                 self.counts.imported_orders += 1;
@@ -477,27 +496,77 @@ impl Orders {
         }
     }
 
-    /// Errors of different rows, one each.
-    fn add_row_errors_each(&mut self, errors: Vec<RowError>) {
-        self.counts.failed_rows += i32::try_from(errors.len()).unwrap_or(i32::MAX);
-        self.errors.extend(errors);
-    }
-
+    /// Enough orders, or enough row errors (a file of rows that name no order has no orders).
     fn is_full(&self) -> bool {
-        self.orders.len() + usize::try_from(self.counts.rejected_orders).unwrap_or(0)
-            >= BATCH_ORDERS
+        let orders = self.orders.len() + usize::try_from(self.counts.rejected_orders).unwrap_or(0);
+        orders >= BATCH_ORDERS || self.errors.len() >= STAGE_BATCH_ROWS
+    }
+}
+
+/// Batches of orders written at once, each on its own connection: Postgres runs a statement on
+/// one core, and the next batch is read while the last is written.
+const WRITERS: usize = 2;
+
+/// Writes batches of orders, up to [`WRITERS`] at once, and commits them in order, each with the
+/// counters and the checkpoint it reaches: the checkpoint stays a prefix of the work, whichever
+/// write ends first. A batch written but not committed when the run dies is rolled back.
+struct Writer<'a> {
+    context: &'a Context,
+    import: &'a Import,
+    /// Where the last commit left the import (this run's start, before the first).
+    committed: Checkpoint<String>,
+    in_flight: VecDeque<InFlight>,
+}
+
+/// A batch being written in its own transaction, not yet committed.
+struct InFlight {
+    written: JoinHandle<sqlx::Result<Transaction<'static, Postgres>>>,
+    counts: Counts,
+    through: Checkpoint<String>,
+}
+
+impl<'a> Writer<'a> {
+    fn after(context: &'a Context, import: &'a Import, committed: Checkpoint<String>) -> Self {
+        Writer {
+            context,
+            import,
+            committed,
+            in_flight: VecDeque::with_capacity(WRITERS),
+        }
     }
 
-    /// Writes the batch and moves the checkpoint to `through`, in one transaction, if the
-    /// checkpoint is still where this run left it; then stops if the worker is shutting down.
-    async fn commit(
-        &mut self,
-        context: &Context,
-        import: &Import,
-        through: Checkpoint<&str>,
-    ) -> Result<(), JobError> {
-        let mut tx = context.db.begin().await?;
-        let (row, grouped) = store::lock_checkpoints(&mut tx, import.id).await?;
+    /// Starts writing `batch`, which ends at `through`, once fewer than `WRITERS` are in flight.
+    async fn write(&mut self, batch: Orders, through: Checkpoint<&str>) -> Result<(), JobError> {
+        if self.in_flight.len() == WRITERS {
+            self.commit_oldest().await?;
+        }
+        let db = self.context.db.clone();
+        let (import_id, owner) = (self.import.id, self.import.owner_id);
+        let written = tokio::spawn(
+            async move {
+                let mut tx = db.begin().await?;
+                store::write_orders(&mut tx, import_id, owner, &batch.orders, &batch.errors)
+                    .await?;
+                Ok(tx)
+            }
+            .in_current_span(),
+        );
+        self.in_flight.push_back(InFlight {
+            written,
+            counts: batch.counts,
+            through: through.into_owned(),
+        });
+        Ok(())
+    }
+
+    /// Commits the oldest batch in flight with its checkpoint, if the checkpoint is still where
+    /// this run left it; then stops if the worker is shutting down.
+    async fn commit_oldest(&mut self) -> Result<(), JobError> {
+        let Some(batch) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let mut tx = batch.written.await??;
+        let (row, grouped) = store::lock_checkpoints(&mut tx, self.import.id).await?;
         let unchanged = match &self.committed {
             Checkpoint::Row(committed) => row == *committed,
             Checkpoint::Grouped(committed) => grouped.as_deref().unwrap_or_default() == committed,
@@ -505,22 +574,29 @@ impl Orders {
         if !unchanged {
             return Err(Superseded.into());
         }
-        store::write_orders(
-            &mut tx,
-            import.id,
-            import.owner_id,
-            &self.orders,
-            &self.errors,
-            self.counts,
-            through,
-        )
-        .await?;
+        let through = batch.through.as_deref();
+        store::advance(&mut tx, self.import.id, batch.counts, through).await?;
         tx.commit().await?;
-        self.orders.clear();
-        self.errors.clear();
-        self.counts = Counts::default();
-        self.committed = through.into_owned();
-        stop_if_asked(context)
+        self.committed = batch.through;
+        stop_if_asked(self.context)
+    }
+
+    /// Commits every batch still in flight.
+    async fn finish(mut self) -> Result<(), JobError> {
+        while !self.in_flight.is_empty() {
+            self.commit_oldest().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Writer<'_> {
+    /// A run that stops early (an error, a shutdown) rolls back what it has not committed at
+    /// once, rather than when the writes in flight would have ended.
+    fn drop(&mut self) {
+        for batch in &self.in_flight {
+            batch.written.abort();
+        }
     }
 }
 
@@ -537,44 +613,26 @@ fn stop_if_asked(context: &Context) -> Result<(), JobError> {
 async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
     let db = &context.db;
     let mut after = import.grouped_through.clone();
-    let mut batch = Orders::after(Checkpoint::Grouped(after.clone().unwrap_or_default()));
+    let committed = Checkpoint::Grouped(after.clone().unwrap_or_default());
+    let mut writer = Writer::after(context, import, committed);
     while let Some(through) =
         store::next_range(db, import.id, after.as_deref(), BATCH_ORDERS as i64).await?
     {
-        let mut open: Option<OrderRows> = None;
+        let mut batch = Orders::default();
+        let mut open = OpenOrder::default();
         let mut rows = store::staged_rows(db, import.id, after.as_deref(), &through);
         while let Some(stored) = rows.try_next().await? {
-            let staged = StagedRow::from_stored(
-                stored.row_no,
-                stored.external_ref,
-                stored.valid,
-                stored.currency,
-                stored.sku,
-                stored.quantity,
-                stored.unit_price_cents,
-                stored.note,
-            )
-            .map_err(|error| format!("a staged row does not parse: {error}"))?;
-            if open
-                .as_ref()
-                .is_some_and(|o| *o.external_ref() != staged.external_ref)
-                && let Some(done) = open.take()
-            {
-                batch.add(done);
-            }
-            open.get_or_insert_with(|| OrderRows::new(staged.external_ref.clone()))
-                .push(staged);
+            let staged = StagedRow::try_from(stored)
+                .map_err(|error| format!("a staged row does not parse: {error}"))?;
+            open.close_unless_continued(Some(&staged.external_ref), &mut batch);
+            open.push(staged);
         }
         drop(rows);
-        if let Some(done) = open.take() {
-            batch.add(done);
-        }
-        batch
-            .commit(context, import, Checkpoint::Grouped(&through))
-            .await?;
+        open.close_unless_continued(None, &mut batch);
+        writer.write(batch, Checkpoint::Grouped(&through)).await?;
         after = Some(through);
     }
-    Ok(())
+    writer.finish().await
 }
 
 /// A safety net, run by the worker's scheduled cleanup: an import that is queued or running

@@ -260,12 +260,14 @@ pub async fn mark_running(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>>
 /// (`processed_rows`, `grouped_through`). Two runs of one import can overlap (a worker presumed
 /// dead that was only slow, and its successor); each step checks under this lock that the
 /// checkpoint is still where it started, so only one of them commits a given step.
+/// `NO KEY UPDATE`, the lock an `UPDATE` of the row takes anyway: it lets other transactions
+/// still take the key-share lock that inserting an import error takes for its foreign key.
 pub async fn lock_checkpoints(
     conn: &mut PgConnection,
     import_id: Uuid,
 ) -> sqlx::Result<(i32, Option<String>)> {
     let row = sqlx::query!(
-        "SELECT processed_rows, grouped_through FROM imports WHERE id = $1 FOR UPDATE",
+        "SELECT processed_rows, grouped_through FROM imports WHERE id = $1 FOR NO KEY UPDATE",
         import_id,
     )
     .fetch_one(conn)
@@ -296,6 +298,15 @@ pub async fn record_rows_together(
 pub enum Checkpoint<S> {
     Row(i32),
     Grouped(S),
+}
+
+impl Checkpoint<String> {
+    pub fn as_deref(&self) -> Checkpoint<&str> {
+        match self {
+            Checkpoint::Row(row) => Checkpoint::Row(*row),
+            Checkpoint::Grouped(through) => Checkpoint::Grouped(through),
+        }
+    }
 }
 
 impl Checkpoint<&str> {
@@ -345,8 +356,9 @@ pub async fn stage_batch(
 }
 
 /// Creates one batch of orders with their items (an order whose (owner, external_ref) exists
-/// already is left as it is: importing the same rows again creates nothing), records the row
-/// errors, and moves the counters and the checkpoint: all in the caller's transaction.
+/// already is left as it is: importing the same rows again creates nothing) and records the row
+/// errors, in the caller's transaction; [`advance`] then moves the counters and the checkpoint
+/// in the same one.
 ///
 /// One statement for all the orders and items of a batch, from arrays: the import's hot path.
 #[tracing::instrument(name = "imports.write_orders", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
@@ -356,8 +368,6 @@ pub async fn write_orders(
     owner: Uuid,
     orders: &[NewOrder],
     errors: &[RowError],
-    counts: Counts,
-    checkpoint: Checkpoint<&str>,
 ) -> sqlx::Result<()> {
     if !orders.is_empty() {
         let lines: usize = orders.iter().map(|order| order.items.len()).sum();
@@ -387,6 +397,9 @@ pub async fn write_orders(
                  SELECT id, $1, currency, total_cents, note, external_ref
                  FROM UNNEST($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[])
                       AS o (id, currency, total_cents, note, external_ref)
+                 -- One order of locking for every writer: two imports of one owner that share
+                 -- references wait for each other instead of deadlocking.
+                 ORDER BY external_ref
                  ON CONFLICT (owner_id, external_ref) WHERE external_ref IS NOT NULL DO NOTHING
                  RETURNING id
              )
@@ -410,8 +423,7 @@ pub async fn write_orders(
         .execute(&mut *conn)
         .await?;
     }
-    insert_errors(conn, import_id, errors).await?;
-    advance(conn, import_id, counts, checkpoint).await
+    insert_errors(conn, import_id, errors).await
 }
 
 struct OrderColumns<'a> {
@@ -480,7 +492,8 @@ async fn insert_errors(
     Ok(())
 }
 
-async fn advance(
+/// Adds `counts` to the import's counters and moves its checkpoint, in the caller's transaction.
+pub async fn advance(
     conn: &mut PgConnection,
     import_id: Uuid,
     counts: Counts,
@@ -554,6 +567,23 @@ pub struct StoredRow {
     pub quantity: Option<i64>,
     pub unit_price_cents: Option<i64>,
     pub note: Option<String>,
+}
+
+impl TryFrom<StoredRow> for StagedRow {
+    type Error = validator::ValidationError;
+
+    fn try_from(row: StoredRow) -> Result<Self, Self::Error> {
+        StagedRow::from_stored(
+            row.row_no,
+            row.external_ref,
+            row.valid,
+            row.currency,
+            row.sku,
+            row.quantity,
+            row.unit_price_cents,
+            row.note,
+        )
+    }
 }
 
 /// The staged rows with external_ref in (`after`, `through`], each order's rows together and in

@@ -42,17 +42,47 @@ fn csv_from(first: usize, orders: usize, lines: usize) -> String {
     csv
 }
 
-/// The rows of [`csv`], each order's rows scattered over the file (still in their order).
-fn csv_scattered(orders: usize, lines: usize) -> String {
+/// `orders` orders of 1 to 7 rows, where every 97th order has a bad row and every 89th a row
+/// that names no order after it, as rows of each order `together` or dealt out round robin (each
+/// order's rows stay in their order).
+fn mixed_csv(orders: usize, together: bool) -> String {
+    let rows: Vec<Vec<String>> = (0..orders)
+        .map(|order| {
+            let mut rows: Vec<String> = (0..1 + order % 7)
+                .map(|line| {
+                    let quantity = if order % 97 == 3 && line == 0 {
+                        0
+                    } else {
+                        line + 1
+                    };
+                    let note = if line == 1 {
+                        format!("note {order}")
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "PO-{order:07},EUR,SKU-{line},{quantity},{},{note}",
+                        100 + order % 50
+                    )
+                })
+                .collect();
+            if order % 89 == 5 {
+                rows.push(",EUR,SKU-X,1,1,".into());
+            }
+            rows
+        })
+        .collect();
+    let lines: Vec<&String> = if together {
+        rows.iter().flatten().collect()
+    } else {
+        (0..8)
+            .flat_map(|line| rows.iter().filter_map(move |order| order.get(line)))
+            .collect()
+    };
     let mut csv = String::from(HEADER);
-    for line in 0..lines {
-        for order in 0..orders {
-            csv.push_str(&format!(
-                "PO-{order:07},EUR,SKU-{line},{},{},\n",
-                line + 1,
-                100 + order % 50
-            ));
-        }
+    for line in lines {
+        csv.push_str(line);
+        csv.push('\n');
     }
     csv
 }
@@ -109,14 +139,31 @@ pub(crate) async fn import_jobs(db: &PgPool) -> (i64, i32) {
         .unwrap()
 }
 
-/// An order as (external_ref, total, [(sku, quantity, unit price)]).
-type OrderLines = (String, i64, Vec<(String, i64, i64)>);
+/// An order as (external_ref, currency, note, total, [(sku, quantity, unit price)]).
+type OrderLines = (String, String, Option<String>, i64, Vec<(String, i64, i64)>);
 
-/// Every order of `owner`, for comparing two imports.
+/// Every order of `owner` with its items, for comparing two imports. Also checks that no item
+/// lacks its order (no foreign key does: the code writes items only with their order).
 async fn orders_of(db: &PgPool, owner: uuid::Uuid) -> Vec<OrderLines> {
-    let rows = sqlx::query_as::<_, (String, i64, String, i64, i64)>(
-        "SELECT o.external_ref, o.total_cents, i.sku, i.quantity, i.unit_price_cents
-         FROM orders o JOIN order_items i ON i.order_id = o.id
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_items i WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = i.order_id)",
+    )
+    .fetch_one(db)
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0, "items without their order");
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        i64,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let rows = sqlx::query_as::<_, Row>(
+        "SELECT o.external_ref, o.currency, o.note, o.total_cents, i.sku, i.quantity, i.unit_price_cents
+         FROM orders o LEFT JOIN order_items i ON i.order_id = o.id
          WHERE o.owner_id = $1 ORDER BY o.external_ref, i.position",
     )
     .bind(owner)
@@ -124,13 +171,35 @@ async fn orders_of(db: &PgPool, owner: uuid::Uuid) -> Vec<OrderLines> {
     .await
     .unwrap();
     let mut orders: Vec<OrderLines> = Vec::new();
-    for (external_ref, total, sku, quantity, price) in rows {
-        match orders.last_mut() {
-            Some(last) if last.0 == external_ref => last.2.push((sku, quantity, price)),
-            _ => orders.push((external_ref, total, vec![(sku, quantity, price)])),
+    for (external_ref, currency, note, total, sku, quantity, price) in rows {
+        if orders.last().is_none_or(|last| last.0 != external_ref) {
+            orders.push((external_ref, currency, note, total, Vec::new()));
+        }
+        if let (Some(sku), Some(quantity), Some(price)) = (sku, quantity, price) {
+            orders.last_mut().unwrap().4.push((sku, quantity, price));
         }
     }
     orders
+}
+
+/// Every row error of an import, as (row, field, code), in the order they are served.
+async fn errors_of(app: &TestApp, token: &str, id: &str) -> Vec<(i64, String, String)> {
+    let mut errors = Vec::new();
+    let mut path = format!("/v1/imports/{id}/errors?limit=100");
+    loop {
+        let page = app.get_json(&path, token).await;
+        for e in page["data"].as_array().unwrap() {
+            errors.push((
+                e["row"].as_i64().unwrap(),
+                e["field"].as_str().unwrap().to_owned(),
+                e["code"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/imports/{id}/errors?limit=100&cursor={cursor}"),
+            None => return errors,
+        }
+    }
 }
 
 /// Polling an import's progress is many requests: a limit that polling never reaches.
@@ -219,18 +288,20 @@ async fn an_upload_is_accepted_at_once_and_a_worker_turns_it_into_orders(db: PgP
         [
             (
                 "PO-1".into(),
+                "EUR".into(),
+                Some("gift wrap".into()),
                 2699,
                 vec![("BOOK-1".into(), 2, 1250), ("PEN-7".into(), 1, 199)]
             ),
-            ("PO-2".into(), 1990, vec![("PEN-7".into(), 10, 199)]),
+            (
+                "PO-2".into(),
+                "EUR".into(),
+                None,
+                1990,
+                vec![("PEN-7".into(), 10, 199)]
+            ),
         ]
     );
-    let note: Option<String> =
-        sqlx::query_scalar("SELECT note FROM orders WHERE external_ref = 'PO-1'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
-    assert_eq!(note.as_deref(), Some("gift wrap"));
 
     // The same rows again, under a new key: a new import, and no new orders.
     let again = upload(
@@ -542,8 +613,9 @@ async fn killed_twice_and_compared(
         .json()
         .await
         .unwrap();
-    let reference = finished(&app, &reference_token, accepted["id"].as_str().unwrap()).await;
-    assert!(reference["status"] != "failed", "{reference}");
+    let reference_id = accepted["id"].as_str().unwrap().to_owned();
+    let reference = finished(&app, &reference_token, &reference_id).await;
+    assert_eq!(reference["status"], "completed_with_errors", "{reference}");
 
     let accepted: Value = upload(&app, &token, file, "killed")
         .await
@@ -582,6 +654,11 @@ async fn killed_twice_and_compared(
         orders_of(db, user.id).await,
         orders_of(db, reference_user.id).await
     );
+    assert_eq!(
+        errors_of(&app, &token, id).await,
+        errors_of(&app, &reference_token, &reference_id).await,
+        "each row error recorded once"
+    );
     let (_, attempts) = import_jobs(db).await;
     assert!(attempts >= 3, "the job ran three times: {attempts}");
     terminate(&worker);
@@ -599,11 +676,13 @@ async fn rows_together(db: &PgPool, import: &Value) -> bool {
 
 #[sqlx::test]
 async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
-    // Each order's rows together: orders are written as the file is read. Killed once the first
-    // batch is in, then again after the next worker has written more.
+    // Each order's rows together: orders are written as the file is read. Orders of 1 to 7 rows,
+    // some rejected, rows that name no order: a checkpoint that split an order, or counted a
+    // row twice, would show. Killed once the first batch is in, then again after the next
+    // worker has written more.
     let done = killed_twice_and_compared(
         &db,
-        csv(20_000, 5),
+        mixed_csv(20_000, true),
         |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
         |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
     )
@@ -617,7 +696,7 @@ async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothi
     // staged, then while orders are being created from them.
     let done = killed_twice_and_compared(
         &db,
-        csv_scattered(20_000, 5),
+        mixed_csv(20_000, false),
         |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
         |_, i| i["imported_orders"].as_i64().is_some_and(|n| n > 0),
     )
@@ -629,74 +708,84 @@ async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothi
 async fn the_order_of_the_rows_in_the_file_does_not_change_what_is_imported(db: PgPool) {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, with_workers(&[])).await;
     // Valid orders, and orders broken in every way an order can be: a bad field (PO-005), two
-    // currencies (PO-003), too many items (PO-007), a short row (PO-009).
-    let orders: Vec<Vec<String>> = (0..30)
+    // currencies (PO-003), too many items (PO-007), a short row (PO-009), a bad first row in
+    // another currency (PO-011: the currency is the first *valid* row's), and a row that names
+    // no order. Odd orders have no note on their first row: the order's note is the first one.
+    let mut groups: Vec<Vec<String>> = (0..30)
         .map(|order| {
             let lines = if order == 7 { 102 } else { 1 + order % 4 };
             (0..lines)
-                .map(|line| match (order, line) {
-                    (9, 0) => format!("PO-{order:03},EUR,A,1"),
-                    (3, 1) => format!("PO-{order:03},USD,SKU-{line},1,100,"),
-                    (5, 0) => format!("PO-{order:03},EUR,SKU-{line},0,100,"),
-                    _ => format!(
-                        "PO-{order:03},EUR,SKU-{line},{},{},n{order}",
-                        line + 1,
-                        100 + order
-                    ),
+                .map(|line| {
+                    let note = if order % 2 == 1 && line == 0 {
+                        String::new()
+                    } else {
+                        format!("n{order}-{line}")
+                    };
+                    match (order, line) {
+                        (9, 0) => format!("PO-{order:03},EUR,A,1"),
+                        (3, 1) => format!("PO-{order:03},USD,SKU-{line},1,100,{note}"),
+                        (5, 0) => format!("PO-{order:03},EUR,SKU-{line},0,100,{note}"),
+                        (11, 0) => format!("PO-{order:03},USD,SKU-{line},0,100,{note}"),
+                        _ => format!("PO-{order:03},EUR,SKU-{line},{},100,{note}", line + 1),
+                    }
                 })
                 .collect()
         })
         .collect();
-    let together: Vec<&String> = orders.iter().flatten().collect();
+    groups.insert(12, vec![",EUR,A,1,1,".to_owned()]);
+    // Each row with its place (group, line), to compare errors across the two files.
+    let together: Vec<(usize, usize, &String)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, rows)| rows.iter().enumerate().map(move |(l, row)| (g, l, row)))
+        .collect();
     // Round robin over the orders: each order's rows stay in their order, far apart.
-    let scattered: Vec<&String> = (0..102)
-        .flat_map(|line| orders.iter().filter_map(move |rows| rows.get(line)))
+    let scattered: Vec<(usize, usize, &String)> = (0..102)
+        .flat_map(|l| {
+            let groups = &groups;
+            (0..groups.len()).filter_map(move |g| groups[g].get(l).map(|row| (g, l, row)))
+        })
         .collect();
     let mut results = Vec::new();
     for (file, is_together) in [(together, true), (scattered, false)] {
-        let body = format!(
-            "{HEADER}{}\n",
-            file.iter()
-                .map(|row| row.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        let body: String = std::iter::once(HEADER.to_owned())
+            .chain(file.iter().map(|(_, _, row)| format!("{row}\n")))
+            .collect();
         let (user, token) = app.token_for(Role::Customer).await;
         let accepted: Value = upload(&app, &token, body, "order-of-rows")
             .await
             .json()
             .await
             .unwrap();
-        let done = finished(&app, &token, accepted["id"].as_str().unwrap()).await;
+        let id = accepted["id"].as_str().unwrap();
+        let done = finished(&app, &token, id).await;
         assert_eq!(rows_together(&db, &done).await, is_together);
-        let errors: Value = app
-            .get_json(
-                &format!(
-                    "/v1/imports/{}/errors?limit=100",
-                    done["id"].as_str().unwrap()
-                ),
-                &token,
-            )
-            .await;
-        let mut codes: Vec<(String, String)> = errors["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["field"].as_str().unwrap().into(),
-                    e["code"].as_str().unwrap().into(),
-                )
+        let mut errors: Vec<((usize, usize), String, String)> = errors_of(&app, &token, id)
+            .await
+            .into_iter()
+            .map(|(row, field, code)| {
+                let (g, l, _) = file[usize::try_from(row).unwrap() - 1];
+                ((g, l), field, code)
             })
             .collect();
-        codes.sort();
+        errors.sort();
         let counters: Vec<_> = ["imported_orders", "rejected_orders", "failed_rows"]
             .iter()
             .map(|c| done[c].as_i64().unwrap())
             .collect();
-        results.push((counters, codes, orders_of(&db, user.id).await));
+        results.push((counters, errors, orders_of(&db, user.id).await));
     }
-    assert_eq!(results[0].0, [26, 4, 5], "{:?}", results[0].1);
+    assert_eq!(results[0].0, [25, 5, 7], "{:?}", results[0].1);
+    let first = &results[0].2[0];
+    assert_eq!(
+        (first.0.as_str(), first.2.as_deref()),
+        ("PO-000", Some("n0-0"))
+    );
+    let second = &results[0].2[1];
+    assert_eq!(
+        (second.0.as_str(), second.2.as_deref()),
+        ("PO-001", Some("n1-1"))
+    );
     assert_eq!(results[0], results[1]);
     app.stopped().await.unwrap();
 }
