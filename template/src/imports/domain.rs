@@ -49,10 +49,10 @@ pub struct RowError {
     pub message: Cow<'static, str>,
 }
 
-/// One data row that names its order. `line` is `None` when the row has an error: its order is
-/// then rejected as a whole.
+/// One data row that names its order (whether it is staged or written straight away). `line` is
+/// `None` when the row has an error: its order is then rejected as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StagedRow {
+pub struct KeyedRow {
     pub row: i32,
     pub external_ref: ExternalRef,
     pub line: Option<RowLine>,
@@ -66,11 +66,11 @@ pub struct RowLine {
     pub note: Option<Note>,
 }
 
-/// What one data row becomes: a staged row (absent when even its external_ref is unusable,
-/// so it belongs to no order) and its errors.
+/// What one data row becomes: a keyed row (absent when even its external_ref is unusable, so it
+/// belongs to no order) and its errors.
 #[derive(Debug, Default)]
 pub struct ParsedRow {
-    pub staged: Option<StagedRow>,
+    pub keyed: Option<KeyedRow>,
     pub errors: Vec<RowError>,
 }
 
@@ -112,10 +112,10 @@ pub fn parse_row<'a>(
         );
         // Still staged (as invalid) when it names its order, so that the order is rejected.
         return ParsedRow {
-            staged: fields
+            keyed: fields
                 .first()
                 .and_then(|raw| order_key(raw))
-                .map(|external_ref| StagedRow {
+                .map(|external_ref| KeyedRow {
                     row,
                     external_ref,
                     line: None,
@@ -160,7 +160,7 @@ pub fn parse_row<'a>(
         _ => None,
     };
     ParsedRow {
-        staged: external_ref.map(|external_ref| StagedRow {
+        keyed: external_ref.map(|external_ref| KeyedRow {
             row,
             external_ref,
             line,
@@ -211,7 +211,7 @@ impl OrderRows {
         &self.external_ref
     }
 
-    pub fn push(&mut self, row: StagedRow) {
+    pub fn push(&mut self, row: KeyedRow) {
         let Some(line) = row.line else {
             self.rejected = true;
             return;
@@ -300,7 +300,7 @@ impl RowParser {
     }
 }
 
-impl StagedRow {
+impl KeyedRow {
     /// A row read back from `import_rows`, parsed again by the same newtypes: what reaches an
     /// order is checked where it is used, whatever the table holds.
     #[allow(clippy::too_many_arguments)]
@@ -313,7 +313,7 @@ impl StagedRow {
         quantity: Option<i64>,
         unit_price_cents: Option<i64>,
         note: Option<String>,
-    ) -> Result<StagedRow, ValidationError> {
+    ) -> Result<KeyedRow, ValidationError> {
         let external_ref = ExternalRef::parse(external_ref)?;
         let line = match (valid, currency, sku, quantity, unit_price_cents) {
             (true, Some(currency), Some(sku), Some(quantity), Some(unit_price)) => Some(RowLine {
@@ -328,7 +328,7 @@ impl StagedRow {
             (true, ..) => return Err(invalid("incomplete", "a valid staged row lacks a field")),
             (false, ..) => None,
         };
-        Ok(StagedRow {
+        Ok(KeyedRow {
             row,
             external_ref,
             line,
@@ -385,9 +385,9 @@ mod tests {
         parse_row(7, line.split(',').map(str::as_bytes), has_note)
     }
 
-    fn staged(row: i32, line: &str) -> StagedRow {
+    fn keyed(row: i32, line: &str) -> KeyedRow {
         parse_row(row, line.split(',').map(str::as_bytes), false)
-            .staged
+            .keyed
             .unwrap()
     }
 
@@ -395,7 +395,7 @@ mod tests {
     fn a_valid_row_has_a_line() {
         let parsed = parse("PO-1,EUR,BOOK-1,2,1250,gift", true);
         assert!(parsed.errors.is_empty());
-        let line = parsed.staged.unwrap().line.unwrap();
+        let line = parsed.keyed.unwrap().line.unwrap();
         assert_eq!(
             (*line.item.quantity.get(), *line.item.unit_price.get()),
             (2, 1250)
@@ -422,9 +422,9 @@ mod tests {
         );
         assert!(parsed.errors.iter().all(|e| e.row == 7));
         // Still staged, without a line, so that the whole order PO-1 is rejected.
-        assert_eq!(parsed.staged.unwrap().line, None);
+        assert_eq!(parsed.keyed.unwrap().line, None);
         let bad_note = parse(&format!("PO-1,EUR,A,1,1,{}", "n".repeat(1001)), true);
-        assert_eq!(bad_note.staged.unwrap().line, None);
+        assert_eq!(bad_note.keyed.unwrap().line, None);
     }
 
     #[test]
@@ -434,7 +434,7 @@ mod tests {
             (parsed.errors[0].field, parsed.errors[0].code.as_ref()),
             ("note", "encoding")
         );
-        assert_eq!(parsed.staged.unwrap().line, None);
+        assert_eq!(parsed.keyed.unwrap().line, None);
         assert!(order_key(b"PO\0").is_none());
     }
 
@@ -442,10 +442,10 @@ mod tests {
     fn a_row_without_a_usable_reference_belongs_to_no_order() {
         let parsed = parse(",EUR,A,1,1", false);
         assert_eq!(parsed.errors[0].field, "external_ref");
-        assert!(parsed.staged.is_none());
+        assert!(parsed.keyed.is_none());
         let short = parse("PO-1,EUR,A,1", false);
         assert_eq!(short.errors[0].code, "field_count");
-        let staged = short.staged.expect("a short row still rejects its order");
+        let staged = short.keyed.expect("a short row still rejects its order");
         assert_eq!(
             (staged.external_ref.get().as_str(), staged.line),
             ("PO-1", None)
@@ -455,8 +455,8 @@ mod tests {
     #[test]
     fn an_order_is_created_from_its_rows_in_row_order() {
         let mut order = OrderRows::new(ExternalRef::parse("PO-1".into()).unwrap());
-        order.push(staged(1, "PO-1,EUR,A,2,100"));
-        order.push(staged(4, "PO-1,EUR,B,1,50"));
+        order.push(keyed(1, "PO-1,EUR,A,2,100"));
+        order.push(keyed(4, "PO-1,EUR,B,1,50"));
         let closed = order.close();
         assert!(closed.errors.is_empty());
         let order = closed.order.unwrap();
@@ -467,16 +467,16 @@ mod tests {
     #[test]
     fn one_bad_row_rejects_its_order_and_the_order_rules_report_each_row() {
         let mut invalid = OrderRows::new(ExternalRef::parse("PO-1".into()).unwrap());
-        invalid.push(staged(1, "PO-1,EUR,A,1,100"));
-        invalid.push(staged(2, "PO-1,EUR,B,0,100"));
+        invalid.push(keyed(1, "PO-1,EUR,A,1,100"));
+        invalid.push(keyed(2, "PO-1,EUR,B,0,100"));
         let closed = invalid.close();
         assert!(closed.order.is_none());
         assert!(closed.errors.is_empty(), "the row reported its own error");
 
         let mut mixed = OrderRows::new(ExternalRef::parse("PO-2".into()).unwrap());
-        mixed.push(staged(1, "PO-2,EUR,A,1,100"));
-        mixed.push(staged(2, "PO-2,USD,B,1,100"));
-        mixed.push(staged(3, "PO-2,USD,C,1,100"));
+        mixed.push(keyed(1, "PO-2,EUR,A,1,100"));
+        mixed.push(keyed(2, "PO-2,USD,B,1,100"));
+        mixed.push(keyed(3, "PO-2,USD,C,1,100"));
         let closed = mixed.close();
         assert!(closed.order.is_none());
         let rows: Vec<_> = closed
@@ -488,7 +488,7 @@ mod tests {
 
         let mut long = OrderRows::new(ExternalRef::parse("PO-3".into()).unwrap());
         for row in 1..=MAX_ITEMS as i32 + 2 {
-            long.push(staged(row, "PO-3,EUR,A,1,100"));
+            long.push(keyed(row, "PO-3,EUR,A,1,100"));
         }
         let closed = long.close();
         assert!(closed.order.is_none());
@@ -506,7 +506,7 @@ mod tests {
                 .map(str::as_bytes),
             true,
         )
-        .staged
+        .keyed
         .unwrap();
         let mut line = String::new();
         row.write_copy_line(Uuid::nil(), &mut line);
@@ -514,7 +514,7 @@ mod tests {
             line,
             "00000000-0000-0000-0000-000000000000\tPO\\t1\t3\tt\tEUR\tA\t1\t2\ta\\\\b\\nc\n"
         );
-        let stored = StagedRow::from_stored(
+        let stored = KeyedRow::from_stored(
             3,
             "PO\t1".into(),
             true,
@@ -526,7 +526,7 @@ mod tests {
         );
         assert_eq!(stored.unwrap(), row);
         assert!(
-            StagedRow::from_stored(3, "PO-1".into(), true, None, None, None, None, None).is_err()
+            KeyedRow::from_stored(3, "PO-1".into(), true, None, None, None, None, None).is_err()
         );
     }
 }

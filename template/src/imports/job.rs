@@ -27,7 +27,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::csv::{Records, Step, check_header};
-use super::domain::{OrderRows, ParsedRow, RowError, StagedRow, order_key, parse_row};
+use super::domain::{KeyedRow, OrderRows, ParsedRow, RowError, order_key, parse_row};
 use super::store::{self, Checkpoint, Counts, Import};
 use crate::config::Config;
 use crate::jobs::{self, JobError, Released};
@@ -286,14 +286,14 @@ async fn write_in_file_order(context: &Context, import: &Import) -> Result<(), J
             continue;
         }
         let parsed = parse_row(row, record.fields(), has_note);
-        let next = parsed.staged.as_ref().map(|staged| &staged.external_ref);
+        let next = parsed.keyed.as_ref().map(|keyed| &keyed.external_ref);
         if open.close_unless_continued(next, &mut batch) && batch.is_full() {
             // Every row before this one is done: a checkpoint here splits no order.
             let full = std::mem::take(&mut batch);
             writer.write(full, Checkpoint::Row(row - 1)).await?;
         }
-        if let Some(staged) = parsed.staged {
-            open.push(staged);
+        if let Some(keyed) = parsed.keyed {
+            open.push(keyed);
         }
         batch.add_row_errors(parsed.errors);
     }
@@ -375,7 +375,7 @@ impl<'a> StoredFile<'a> {
 
 /// Rows parsed since the last staging commit, and the checkpoint that commit left.
 struct Staging {
-    staged: Vec<StagedRow>,
+    staged: Vec<KeyedRow>,
     errors: Vec<RowError>,
     failed_rows: i32,
     rows: usize,
@@ -394,7 +394,7 @@ impl Staging {
     }
 
     fn add(&mut self, parsed: ParsedRow) {
-        self.staged.extend(parsed.staged);
+        self.staged.extend(parsed.keyed);
         if !parsed.errors.is_empty() {
             self.failed_rows += 1;
             self.errors.extend(parsed.errors);
@@ -458,7 +458,7 @@ impl OpenOrder {
         }
     }
 
-    fn push(&mut self, row: StagedRow) {
+    fn push(&mut self, row: KeyedRow) {
         self.0
             .get_or_insert_with(|| OrderRows::new(row.external_ref.clone()))
             .push(row);
@@ -622,7 +622,7 @@ async fn group(context: &Context, import: &Import) -> Result<(), JobError> {
         let mut open = OpenOrder::default();
         let mut rows = store::staged_rows(db, import.id, after.as_deref(), &through);
         while let Some(stored) = rows.try_next().await? {
-            let staged = StagedRow::try_from(stored)
+            let staged = KeyedRow::try_from(stored)
                 .map_err(|error| format!("a staged row does not parse: {error}"))?;
             open.close_unless_continued(Some(&staged.external_ref), &mut batch);
             open.push(staged);

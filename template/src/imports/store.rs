@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::domain::{ImportStatus, RowError, StagedRow};
+use super::domain::{ImportStatus, KeyedRow, RowError};
 use crate::orders::domain::NewOrder;
 use crate::pagination::Keyset;
 
@@ -332,7 +332,7 @@ pub struct Counts {
 pub async fn stage_batch(
     conn: &mut PgConnection,
     import_id: Uuid,
-    rows: &[StagedRow],
+    rows: &[KeyedRow],
     errors: &[RowError],
     counts: Counts,
     through_row: i32,
@@ -557,7 +557,7 @@ pub async fn next_range(
     .await
 }
 
-/// A staged row as stored; [`StagedRow::from_stored`] parses it.
+/// A staged row as stored; [`KeyedRow::from_stored`] parses it.
 pub struct StoredRow {
     pub row_no: i32,
     pub external_ref: String,
@@ -569,11 +569,11 @@ pub struct StoredRow {
     pub note: Option<String>,
 }
 
-impl TryFrom<StoredRow> for StagedRow {
+impl TryFrom<StoredRow> for KeyedRow {
     type Error = validator::ValidationError;
 
     fn try_from(row: StoredRow) -> Result<Self, Self::Error> {
-        StagedRow::from_stored(
+        KeyedRow::from_stored(
             row.row_no,
             row.external_ref,
             row.valid,
