@@ -84,10 +84,10 @@ pub fn spawn_worker(
     Ok(tokio::spawn(worker.run_until(jobs::until(stop))))
 }
 
-/// Another run of the same import committed this step first; this run stops and leaves the rest
-/// to it.
+/// Another run of the same import committed this step first, or the import was given up; this
+/// run stops and leaves the rest to the other.
 #[derive(Debug, thiserror::Error)]
-#[error("another run of this import is ahead of this one")]
+#[error("another run of this import is ahead of this one, or the import was given up")]
 struct Superseded;
 
 async fn handle(job: ImportJob, context: Data<Context>, attempt: Attempt) -> Result<(), JobError> {
@@ -411,7 +411,8 @@ impl Staging {
         through_row: i32,
     ) -> Result<(), JobError> {
         let mut tx = context.db.begin().await?;
-        if store::lock_checkpoints(&mut tx, import_id).await?.0 != self.committed_through {
+        let checkpoints = store::lock_checkpoints(&mut tx, import_id).await?;
+        if checkpoints.is_none_or(|(row, _)| row != self.committed_through) {
             return Err(Superseded.into());
         }
         let counts = Counts {
@@ -536,7 +537,16 @@ impl<'a> Writer<'a> {
     }
 
     /// Starts writing `batch`, which ends at `through`, once fewer than `WRITERS` are in flight.
+    /// Batches already written are committed first: a written transaction left open holds its
+    /// orders' keys, which another import of the same owner may be waiting for.
     async fn write(&mut self, batch: Orders, through: Checkpoint<&str>) -> Result<(), JobError> {
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|oldest| oldest.written.is_finished())
+        {
+            self.commit_oldest().await?;
+        }
         if self.in_flight.len() == WRITERS {
             self.commit_oldest().await?;
         }
@@ -566,7 +576,9 @@ impl<'a> Writer<'a> {
             return Ok(());
         };
         let mut tx = batch.written.await??;
-        let (row, grouped) = store::lock_checkpoints(&mut tx, self.import.id).await?;
+        let Some((row, grouped)) = store::lock_checkpoints(&mut tx, self.import.id).await? else {
+            return Err(Superseded.into());
+        };
         let unchanged = match &self.committed {
             Checkpoint::Row(committed) => row == *committed,
             Checkpoint::Grouped(committed) => grouped.as_deref().unwrap_or_default() == committed,
@@ -591,8 +603,8 @@ impl<'a> Writer<'a> {
 }
 
 impl Drop for Writer<'_> {
-    /// A run that stops early (an error, a shutdown) rolls back what it has not committed at
-    /// once, rather than when the writes in flight would have ended.
+    /// A run that stops early (an error, a shutdown) stops the writes it has not committed: their
+    /// transactions roll back (once the statement running on the server ends).
     fn drop(&mut self) {
         for batch in &self.in_flight {
             batch.written.abort();

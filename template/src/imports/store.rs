@@ -257,22 +257,24 @@ pub async fn mark_running(db: &PgPool, id: Uuid) -> sqlx::Result<Option<Import>>
 }
 
 /// Locks the import's row until the transaction ends and returns its checkpoints
-/// (`processed_rows`, `grouped_through`). Two runs of one import can overlap (a worker presumed
-/// dead that was only slow, and its successor); each step checks under this lock that the
-/// checkpoint is still where it started, so only one of them commits a given step.
+/// (`processed_rows`, `grouped_through`), or `None` once the import is no longer running (a
+/// run that was given up on). Two runs of one import can overlap (a worker presumed dead that
+/// was only slow, and its successor); each step checks under this lock that the checkpoint is
+/// still where it started, so only one of them commits a given step.
 /// `NO KEY UPDATE`, the lock an `UPDATE` of the row takes anyway: it lets other transactions
 /// still take the key-share lock that inserting an import error takes for its foreign key.
 pub async fn lock_checkpoints(
     conn: &mut PgConnection,
     import_id: Uuid,
-) -> sqlx::Result<(i32, Option<String>)> {
+) -> sqlx::Result<Option<(i32, Option<String>)>> {
     let row = sqlx::query!(
-        "SELECT processed_rows, grouped_through FROM imports WHERE id = $1 FOR NO KEY UPDATE",
+        "SELECT processed_rows, grouped_through FROM imports
+         WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
         import_id,
     )
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok((row.processed_rows, row.grouped_through))
+    Ok(row.map(|row| (row.processed_rows, row.grouped_through)))
 }
 
 /// Records whether the file lists each order's rows together, unless a run already has; returns
@@ -283,7 +285,13 @@ pub async fn record_rows_together(
     together: bool,
 ) -> sqlx::Result<bool> {
     sqlx::query_scalar!(
-        r#"UPDATE imports SET rows_together = coalesce(rows_together, $2) WHERE id = $1
+        r#"UPDATE imports
+           SET rows_together = coalesce(
+                   rows_together,
+                   -- A run of an older version that only stages has begun meanwhile.
+                   CASE WHEN staged OR processed_rows > 0 OR grouped_through IS NOT NULL
+                        THEN false ELSE $2 END)
+           WHERE id = $1
            RETURNING rows_together AS "together!""#,
         import_id,
         together,
@@ -397,8 +405,8 @@ pub async fn write_orders(
                  SELECT id, $1, currency, total_cents, note, external_ref
                  FROM UNNEST($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[])
                       AS o (id, currency, total_cents, note, external_ref)
-                 -- One order of locking for every writer: two imports of one owner that share
-                 -- references wait for each other instead of deadlocking.
+                 -- Keys locked in one order within a statement: two statements of one owner
+                 -- that share references wait for each other instead of deadlocking.
                  ORDER BY external_ref
                  ON CONFLICT (owner_id, external_ref) WHERE external_ref IS NOT NULL DO NOTHING
                  RETURNING id
