@@ -551,6 +551,15 @@ async fn row_errors_are_served_in_pages(db: PgPool) {
 /// A real `worker` process against the test's database, with fast heartbeats so that the jobs of
 /// a killed worker are taken over within seconds.
 pub(crate) async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::process::Child {
+    start_worker_counting(db, extra, "\u{0}").await.0
+}
+
+/// [`start_worker`], also counting the worker's log lines that contain `marker`.
+async fn start_worker_counting(
+    db: &PgPool,
+    extra: &[(&str, &str)],
+    marker: &'static str,
+) -> (tokio::process::Child, Arc<AtomicUsize>) {
     let url = url_of(db);
     let mut vars = vec![
         ("DATABASE_URL", url.as_str()),
@@ -569,14 +578,19 @@ pub(crate) async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::
     next_log_line(&mut logs, |line| line["message"] == "job workers started").await;
     // Keep draining the logs so the worker never blocks on a full pipe; show its warnings and
     // errors, which explain a failing test.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = logs.next_line().await {
             if line.contains("\"WARN\"") || line.contains("\"ERROR\"") {
                 eprintln!("worker: {line}");
             }
+            if line.contains(marker) {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
         }
     });
-    child
+    (child, seen)
 }
 
 /// Polls until `ready` holds for the import, or it finishes.
@@ -702,6 +716,72 @@ async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothi
     )
     .await;
     assert!(!rows_together(&db, &done).await);
+}
+
+#[sqlx::test]
+async fn two_runs_of_one_import_at_once_import_it_once(db: PgPool) {
+    // As when a worker presumed dead was only slow: a second job for the same import, and two
+    // workers that pick up both at once. Every commit checks the checkpoint under the import's
+    // row lock, so the run that falls behind stops (`Superseded`) and nothing is written twice.
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
+    let (user, token) = app.token_for(Role::Customer).await;
+    let file = mixed_csv(20_000, true);
+    let accepted: Value = upload(&app, &token, file.clone(), "twice")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    let job = service::imports::job::ImportJob {
+        import_id: id.parse().unwrap(),
+        request_id: None,
+    };
+    let mut conn = db.acquire().await.unwrap();
+    service::jobs::enqueue(&mut conn, service::imports::job::QUEUE, &job, 3)
+        .await
+        .unwrap();
+    drop(conn);
+    let marker = "another run of this import is ahead";
+    let (first, superseded_first) = start_worker_counting(&db, &[], marker).await;
+    let (second, superseded_second) = start_worker_counting(&db, &[], marker).await;
+    let done = finished(&app, &token, id).await;
+
+    let (reference_user, reference_token) = app.token_for(Role::Customer).await;
+    let accepted: Value = upload(&app, &reference_token, file, "reference")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let reference_id = accepted["id"].as_str().unwrap();
+    let reference = finished(&app, &reference_token, reference_id).await;
+    for counter in [
+        "status",
+        "processed_rows",
+        "imported_orders",
+        "rejected_orders",
+        "failed_rows",
+    ] {
+        assert_eq!(
+            done[counter], reference[counter],
+            "{counter}: {done} vs {reference}"
+        );
+    }
+    assert_eq!(
+        errors_of(&app, &token, id).await,
+        errors_of(&app, &reference_token, reference_id).await
+    );
+    assert_eq!(
+        orders_of(&db, user.id).await,
+        orders_of(&db, reference_user.id).await
+    );
+    let superseded =
+        superseded_first.load(Ordering::SeqCst) + superseded_second.load(Ordering::SeqCst);
+    assert_eq!(
+        superseded, 1,
+        "one of the two runs stopped behind the other"
+    );
+    terminate(&first);
+    terminate(&second);
 }
 
 #[sqlx::test]
