@@ -617,40 +617,71 @@ async fn killed_twice_and_compared(
 ) -> Value {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
     let total = i64::try_from(file.lines().count() - 1).unwrap();
-
-    // The reference: the same file, imported by an uninterrupted worker.
-    let (reference_user, reference_token) = app.token_for(Role::Customer).await;
     let (user, token) = app.token_for(Role::Customer).await;
     let mut worker = start_worker(db, &[]).await;
-    let accepted: Value = upload(&app, &reference_token, file.clone(), "ref")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let reference_id = accepted["id"].as_str().unwrap().to_owned();
-    let reference = finished(&app, &reference_token, &reference_id).await;
-    assert_eq!(reference["status"], "completed_with_errors", "{reference}");
-
-    let accepted: Value = upload(&app, &token, file, "killed")
+    let accepted: Value = upload(&app, &token, file.clone(), "killed")
         .await
         .json()
         .await
         .unwrap();
     let id = accepted["id"].as_str().unwrap();
-    let first = wait_for(&app, &token, id, &first_kill).await;
+    wait_for(&app, &token, id, &first_kill).await;
     worker.kill().await.unwrap();
+    // Where the killed worker left it (it went on while the test looked).
+    let first = import_of(&app, &token, id).await;
     assert!(
         first["processed_rows"].as_i64().unwrap() < total,
         "killed mid-way: {first}"
     );
 
+    // Only the next worker can make the progress this waits for: it ran the job again.
     let mut worker = start_worker(db, &[]).await;
-    let second = wait_for(&app, &token, id, |i| second_kill(&first, i)).await;
+    wait_for(&app, &token, id, |i| second_kill(&first, i)).await;
     worker.kill().await.unwrap();
+    let second = import_of(&app, &token, id).await;
     assert_eq!(second["status"], "running", "killed mid-way: {second}");
 
     let worker = start_worker(db, &[]).await;
     let done = finished(&app, &token, id).await;
+    // The job is acknowledged (and its attempts counted) just after the import finishes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let attempts = loop {
+        let (status, attempts): (String, i32) =
+            sqlx::query_as("SELECT status, attempts FROM apalis.jobs WHERE job_type = 'imports'")
+                .fetch_one(db)
+                .await
+                .unwrap();
+        if status == "Done" || Instant::now() > deadline {
+            break attempts;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(attempts >= 3, "the job ran three times: {attempts}");
+    same_as_an_uninterrupted_import(&app, db, file, user.id, &token, &done).await;
+    terminate(&worker);
+    done
+}
+
+/// Imports `file` again, for another user and without interruption (a worker must be running),
+/// and checks that `done`, `user`'s import of it, has the same counters, row errors (each
+/// recorded once) and orders.
+async fn same_as_an_uninterrupted_import(
+    app: &TestApp,
+    db: &PgPool,
+    file: String,
+    user: uuid::Uuid,
+    token: &str,
+    done: &Value,
+) {
+    let (reference_user, reference_token) = app.token_for(Role::Customer).await;
+    let accepted: Value = upload(app, &reference_token, file, "reference")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let reference_id = accepted["id"].as_str().unwrap();
+    let reference = finished(app, &reference_token, reference_id).await;
+    assert_eq!(reference["status"], "completed_with_errors", "{reference}");
     for counter in [
         "status",
         "total_rows",
@@ -665,18 +696,14 @@ async fn killed_twice_and_compared(
         );
     }
     assert_eq!(
-        orders_of(db, user.id).await,
-        orders_of(db, reference_user.id).await
-    );
-    assert_eq!(
-        errors_of(&app, &token, id).await,
-        errors_of(&app, &reference_token, &reference_id).await,
+        errors_of(app, token, done["id"].as_str().unwrap()).await,
+        errors_of(app, &reference_token, reference_id).await,
         "each row error recorded once"
     );
-    let (_, attempts) = import_jobs(db).await;
-    assert!(attempts >= 3, "the job ran three times: {attempts}");
-    terminate(&worker);
-    done
+    assert_eq!(
+        orders_of(db, user).await,
+        orders_of(db, reference_user.id).await
+    );
 }
 
 /// Whether the worker took the file's rows as they came (`true`) or staged and sorted them.
@@ -707,12 +734,12 @@ async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
 #[sqlx::test]
 async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothing(db: PgPool) {
     // Each order's rows scattered over the file: staged, then grouped. Killed while rows are
-    // staged, then while orders are being created from them.
+    // staged, then once the next worker has created orders from them.
     let done = killed_twice_and_compared(
         &db,
         mixed_csv(20_000, false),
         |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
-        |_, i| i["imported_orders"].as_i64().is_some_and(|n| n > 0),
+        |first, i| i["imported_orders"].as_i64() > first["imported_orders"].as_i64(),
     )
     .await;
     assert!(!rows_together(&db, &done).await);
@@ -745,41 +772,12 @@ async fn two_runs_of_one_import_at_once_import_it_once(db: PgPool) {
     let (first, superseded_first) = start_worker_counting(&db, &[], marker).await;
     let (second, superseded_second) = start_worker_counting(&db, &[], marker).await;
     let done = finished(&app, &token, id).await;
-
-    let (reference_user, reference_token) = app.token_for(Role::Customer).await;
-    let accepted: Value = upload(&app, &reference_token, file, "reference")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let reference_id = accepted["id"].as_str().unwrap();
-    let reference = finished(&app, &reference_token, reference_id).await;
-    for counter in [
-        "status",
-        "processed_rows",
-        "imported_orders",
-        "rejected_orders",
-        "failed_rows",
-    ] {
-        assert_eq!(
-            done[counter], reference[counter],
-            "{counter}: {done} vs {reference}"
-        );
-    }
-    assert_eq!(
-        errors_of(&app, &token, id).await,
-        errors_of(&app, &reference_token, reference_id).await
-    );
-    assert_eq!(
-        orders_of(&db, user.id).await,
-        orders_of(&db, reference_user.id).await
-    );
+    same_as_an_uninterrupted_import(&app, &db, file, user.id, &token, &done).await;
     let superseded =
         superseded_first.load(Ordering::SeqCst) + superseded_second.load(Ordering::SeqCst);
-    assert_eq!(
-        superseded, 1,
-        "one of the two runs stopped behind the other"
-    );
+    // At least once (more if a slow machine made a worker miss its heartbeats, and its job ran
+    // a third time).
+    assert!(superseded >= 1, "a run stopped behind the other");
     terminate(&first);
     terminate(&second);
 }
@@ -1030,36 +1028,7 @@ async fn sigterm_releases_a_running_import_and_the_next_worker_finishes_it(db: P
 
     let worker = start_worker(&db, &[]).await;
     let done = finished(&app, &token, id).await;
-
-    // The reference: the same file, imported without a stop.
-    let (reference_user, reference_token) = app.token_for(Role::Customer).await;
-    let accepted: Value = upload(&app, &reference_token, file, "reference")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let reference_id = accepted["id"].as_str().unwrap();
-    let reference = finished(&app, &reference_token, reference_id).await;
-    for counter in [
-        "status",
-        "processed_rows",
-        "imported_orders",
-        "rejected_orders",
-        "failed_rows",
-    ] {
-        assert_eq!(
-            done[counter], reference[counter],
-            "{counter}: {done} vs {reference}"
-        );
-    }
-    assert_eq!(
-        errors_of(&app, &token, id).await,
-        errors_of(&app, &reference_token, reference_id).await
-    );
-    assert_eq!(
-        orders_of(&db, user.id).await,
-        orders_of(&db, reference_user.id).await
-    );
+    same_as_an_uninterrupted_import(&app, &db, file, user.id, &token, &done).await;
     terminate(&worker);
 }
 
