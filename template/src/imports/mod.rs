@@ -1,12 +1,14 @@
 //! The imports API: upload a CSV of order lines, follow the import's progress, read its row errors.
 //!
 //! The request only stores the file and enqueues a job (202 in milliseconds, whatever the file's
-//! size); the rows are processed by the worker process (`job`). Rules for one row are the orders
-//! API's own (`domain`), SQL lives in `store`, the CSV reader in `csv`.
+//! size); the rows are processed by the worker process (`job`, whose steps are in `pipeline`).
+//! Rules for one row are the orders API's own (`domain`), SQL lives in `store`, the CSV reader in
+//! `csv`.
 
 pub mod csv;
 pub mod domain;
 pub mod job;
+mod pipeline;
 pub mod store;
 mod upload;
 
