@@ -54,7 +54,10 @@ pub(super) struct Superseded;
 /// remembered by a 64-bit hash of its external_ref (a hash set: 10–20 bytes per order). Two
 /// external_refs with the same hash can only make a file look scattered, which sends it the
 /// slower way, never the wrong one.
-pub(super) async fn rows_are_together(context: &Context, import: &Import) -> Result<bool, JobError> {
+pub(super) async fn rows_are_together(
+    context: &Context,
+    import: &Import,
+) -> Result<bool, JobError> {
     use std::hash::BuildHasher;
     let hasher = std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default();
     let (mut file, _) = open_file(context, import).await?;
@@ -117,7 +120,10 @@ fn check_row_count(import: &Import, rows: i32) -> Result<(), JobError> {
 /// Step 2 for a file whose orders' rows are together: each order is written as its last row
 /// goes by, a batch of orders per transaction. A batch always ends with a whole order, so its
 /// checkpoint (`processed_rows`) never splits one.
-pub(super) async fn write_in_file_order(context: &Context, import: &Import) -> Result<(), JobError> {
+pub(super) async fn write_in_file_order(
+    context: &Context,
+    import: &Import,
+) -> Result<(), JobError> {
     let (mut file, has_note) = open_file(context, import).await?;
     let mut writer = Writer::after(context, import, Checkpoint::Row(import.processed_rows));
     let mut batch = Orders::default();
@@ -490,4 +496,3 @@ pub(super) async fn group(context: &Context, import: &Import) -> Result<(), JobE
     }
     writer.finish().await
 }
-
