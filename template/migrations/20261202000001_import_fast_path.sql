@@ -3,9 +3,10 @@
 -- descending indexes of the first migration every new order landed on the leftmost leaf, which
 -- splits in half each time it fills. Keyset pages read them backwards, as fast. Measured on
 -- 200 000 imported orders: 2.4 s with the descending indexes, 1.6 s with these.
--- Rebuilt in this migration's transaction, which blocks writes to `orders` while it runs: instant
--- on a new service. On a large live table, build them with CREATE INDEX CONCURRENTLY instead, in
--- migrations of their own that start with `-- no-transaction` (docs/database.md).
+-- Rebuilt in this migration's transaction: DROP INDEX locks `orders` against reads and writes
+-- until it commits. Instant on a new service. On a large live table, use DROP INDEX CONCURRENTLY
+-- and CREATE INDEX CONCURRENTLY instead, one index per statement, in migrations of their own that
+-- start with `-- no-transaction` (docs/database.md).
 DROP INDEX orders_owner_page, orders_owner_status_page, orders_page, orders_status_page;
 CREATE INDEX orders_owner_page ON orders (owner_id, created_at, id);
 CREATE INDEX orders_owner_status_page ON orders (owner_id, status, created_at, id);

@@ -1,4 +1,5 @@
-//! The import domain: its states, and one CSV row parsed with the same rules as the orders API.
+//! The import domain: its states, one CSV row parsed with the orders API's rules, the rules over
+//! an order's rows (`OrderRows`), and a staged row's COPY line.
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -110,7 +111,8 @@ pub fn parse_row<'a>(
                 format!("has {} fields; the header has {expected}", fields.len()),
             ),
         );
-        // Still staged (as invalid) when it names its order, so that the order is rejected.
+        // Still keyed (as invalid) when it names its order, so that the order is rejected, on
+        // either way.
         return ParsedRow {
             keyed: fields
                 .first()
@@ -421,7 +423,7 @@ mod tests {
             ]
         );
         assert!(parsed.errors.iter().all(|e| e.row == 7));
-        // Still staged, without a line, so that the whole order PO-1 is rejected.
+        // Still keyed, without a line, so that the whole order PO-1 is rejected.
         assert_eq!(parsed.keyed.unwrap().line, None);
         let bad_note = parse(&format!("PO-1,EUR,A,1,1,{}", "n".repeat(1001)), true);
         assert_eq!(bad_note.keyed.unwrap().line, None);

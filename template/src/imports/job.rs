@@ -112,11 +112,14 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
         tracing::info!("the import is already finished");
         return Ok(());
     };
-    let started_staged = import.staged || import.processed_rows > 0;
+    let started_staged =
+        import.staged || import.processed_rows > 0 || import.grouped_through.is_some();
     let together = match import.rows_together {
         Some(together) => together,
-        // Progress without a recorded way: begun by a version that only staged.
-        None if started_staged || import.grouped_through.is_some() => false,
+        // Progress without a recorded way: begun by a version that only staged. A shortcut that
+        // saves reading the file; `record_rows_together` applies the same rule in SQL and has
+        // the last word (an older worker may begin staging while a deploy rolls).
+        None if started_staged => false,
         None => {
             let started = std::time::Instant::now();
             let together = pipeline::rows_are_together(context, &import).await?;
@@ -175,8 +178,8 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
 
 /// A safety net, run by the worker's scheduled cleanup: an import that is queued or running
 /// with no job left to run it (a run stopped because another was ahead, and that other run died
-/// unrecorded) gets a fresh job. Imports younger than `LOST_AFTER` are left alone: their job may
-/// simply not be committed yet.
+/// unrecorded) gets a fresh job. Only imports created more than `LOST_AFTER` ago: a margin, as
+/// the check reads the states of apalis's table, which apalis, not this service, defines.
 pub async fn requeue_lost(db: &PgPool, config: &Config) -> anyhow::Result<()> {
     const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
     for import_id in store::without_job(db, LOST_AFTER).await? {

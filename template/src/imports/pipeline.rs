@@ -34,8 +34,11 @@ use crate::orders::domain::{ExternalRef, NewOrder};
 /// moves every fraction of a second and a crash repeats little.
 const STAGE_BATCH_ROWS: usize = 5_000;
 /// Orders per transaction when orders are written: one statement writes them all, with their
-/// items.
+/// items (5 000 measured no faster: docs/benchmarks.md).
 const BATCH_ORDERS: usize = 2_000;
+/// Row errors per transaction on the direct way: a file whose rows name no order has no orders
+/// to end a batch, and would otherwise hold every error in memory and commit no progress.
+const BATCH_ERRORS: usize = 5_000;
 
 /// Another run of the same import committed this step first, or the import was given up; this
 /// run stops and leaves the rest to the other.
@@ -50,8 +53,8 @@ pub(super) struct Superseded;
 /// sorting it. A row that names no usable order ends the order before it here, as it does when
 /// the orders are written.
 ///
-/// Exact for every order that runs on (its own external_ref compared); an order seen before is
-/// remembered by a 64-bit hash of its external_ref (a hash set: 10–20 bytes per order). Two
+/// Consecutive rows are compared by their full external_ref; an order seen earlier in the file
+/// is remembered only as a 64-bit hash of its external_ref (a hash set: 10–20 bytes per order). Two
 /// external_refs with the same hash can only make a file look scattered, which sends it the
 /// slower way, never the wrong one.
 pub(super) async fn rows_are_together(
@@ -126,7 +129,7 @@ pub(super) async fn write_in_file_order(
 ) -> Result<(), JobError> {
     let (mut file, has_note) = open_file(context, import).await?;
     let mut writer = Writer::after(context, import, Checkpoint::Row(import.processed_rows));
-    let mut batch = Orders::default();
+    let mut batch = OrderBatch::default();
     let mut open = OpenOrder::default();
     let mut row = 0;
     while let Some(record) = file.next_record().await? {
@@ -297,7 +300,11 @@ struct OpenOrder(Option<OrderRows>);
 impl OpenOrder {
     /// Closes the open order into `batch` unless the next row (`next`: its order, if it has one)
     /// belongs to it. True when every row before the next one is done.
-    fn close_unless_continued(&mut self, next: Option<&ExternalRef>, batch: &mut Orders) -> bool {
+    fn close_unless_continued(
+        &mut self,
+        next: Option<&ExternalRef>,
+        batch: &mut OrderBatch,
+    ) -> bool {
         match (&self.0, next) {
             (Some(open), Some(next)) if open.external_ref() == next => false,
             _ => {
@@ -318,16 +325,17 @@ impl OpenOrder {
 
 /// Orders closed since the last batch, with the row errors of the rows they cover.
 #[derive(Default)]
-struct Orders {
+struct OrderBatch {
     orders: Vec<NewOrder>,
     errors: Vec<RowError>,
     counts: Counts,
 }
 
-impl Orders {
+impl OrderBatch {
     fn add(&mut self, rows: OrderRows) {
         let closed = rows.close();
-        // Each of these is a different row's, and a row with one has no error of its own.
+        // Order rules fall only on rows valid on their own, one error each: each is one more
+        // failed row, none counted twice.
         self.counts.failed_rows += i32::try_from(closed.errors.len()).unwrap_or(i32::MAX);
         self.errors.extend(closed.errors);
         match closed.order {
@@ -350,12 +358,14 @@ impl Orders {
     /// Enough orders, or enough row errors (a file of rows that name no order has no orders).
     fn is_full(&self) -> bool {
         let orders = self.orders.len() + usize::try_from(self.counts.rejected_orders).unwrap_or(0);
-        orders >= BATCH_ORDERS || self.errors.len() >= STAGE_BATCH_ROWS
+        orders >= BATCH_ORDERS || self.errors.len() >= BATCH_ERRORS
     }
 }
 
 /// Batches of orders written at once, each on its own connection: Postgres runs a statement on
-/// one core, and the next batch is read while the last is written.
+/// one core, and the next batch is read while the last is written. Two, the reference machine's
+/// cores (docs/benchmarks.md); each one more is a connection more per import (the pool size in
+/// docs/background-jobs.md).
 const WRITERS: usize = 2;
 
 /// Writes batches of orders, up to [`WRITERS`] at once, and commits them in order, each with the
@@ -389,7 +399,11 @@ impl<'a> Writer<'a> {
     /// Starts writing `batch`, which ends at `through`, once fewer than `WRITERS` are in flight.
     /// Batches already written are committed first: a written transaction left open holds its
     /// orders' keys, which another import of the same owner may be waiting for.
-    async fn write(&mut self, batch: Orders, through: Checkpoint<&str>) -> Result<(), JobError> {
+    async fn write(
+        &mut self,
+        batch: OrderBatch,
+        through: Checkpoint<&str>,
+    ) -> Result<(), JobError> {
         while self
             .in_flight
             .front()
@@ -480,7 +494,7 @@ pub(super) async fn group(context: &Context, import: &Import) -> Result<(), JobE
     while let Some(through) =
         store::next_range(db, import.id, after.as_deref(), BATCH_ORDERS as i64).await?
     {
-        let mut batch = Orders::default();
+        let mut batch = OrderBatch::default();
         let mut open = OpenOrder::default();
         let mut rows = store::staged_rows(db, import.id, after.as_deref(), &through);
         while let Some(stored) = rows.try_next().await? {

@@ -543,8 +543,8 @@ pub async fn analyze_staged_rows(db: &PgPool) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// The last external_ref of the next range of up to `orders` orders after `after` (all of them
-/// when `after` is `None`), or `None` when every order has been grouped.
+/// The last external_ref of the next range of up to `orders` orders after `after` (from the
+/// first order when `after` is `None`), or `None` when every order has been grouped.
 pub async fn next_range(
     db: &PgPool,
     import_id: Uuid,
