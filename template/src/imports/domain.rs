@@ -302,23 +302,36 @@ impl RowParser {
     }
 }
 
-impl KeyedRow {
-    /// A row read back from `import_rows`, parsed again by the same newtypes: what reaches an
-    /// order is checked where it is used, whatever the table holds.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_stored(
-        row: i32,
-        external_ref: String,
-        valid: bool,
-        currency: Option<String>,
-        sku: Option<String>,
-        quantity: Option<i64>,
-        unit_price_cents: Option<i64>,
-        note: Option<String>,
-    ) -> Result<KeyedRow, ValidationError> {
-        let external_ref = ExternalRef::parse(external_ref)?;
-        let line = match (valid, currency, sku, quantity, unit_price_cents) {
-            (true, Some(currency), Some(sku), Some(quantity), Some(unit_price)) => Some(RowLine {
+/// A staged row as `import_rows` holds it: what [`KeyedRow::write_copy_line`] wrote.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub row_no: i32,
+    pub external_ref: String,
+    pub valid: bool,
+    pub currency: Option<String>,
+    pub sku: Option<String>,
+    pub quantity: Option<i64>,
+    pub unit_price_cents: Option<i64>,
+    pub note: Option<String>,
+}
+
+impl TryFrom<StoredRow> for KeyedRow {
+    type Error = ValidationError;
+
+    /// Parsed again by the same newtypes: what reaches an order is checked where it is used,
+    /// whatever the table holds.
+    fn try_from(stored: StoredRow) -> Result<KeyedRow, ValidationError> {
+        let external_ref = ExternalRef::parse(stored.external_ref)?;
+        let line = match stored {
+            StoredRow {
+                valid: true,
+                currency: Some(currency),
+                sku: Some(sku),
+                quantity: Some(quantity),
+                unit_price_cents: Some(unit_price),
+                note,
+                ..
+            } => Some(RowLine {
                 currency: Currency::parse(currency)?,
                 item: LineItem {
                     sku: Sku::parse(sku)?,
@@ -327,16 +340,20 @@ impl KeyedRow {
                 },
                 note: note.map(Note::parse).transpose()?,
             }),
-            (true, ..) => return Err(invalid("incomplete", "a valid staged row lacks a field")),
-            (false, ..) => None,
+            StoredRow { valid: true, .. } => {
+                return Err(invalid("incomplete", "a valid staged row lacks a field"));
+            }
+            StoredRow { valid: false, .. } => None,
         };
         Ok(KeyedRow {
-            row,
+            row: stored.row_no,
             external_ref,
             line,
         })
     }
+}
 
+impl KeyedRow {
     /// Appends the row as one line of COPY's text format (tab-separated, `\N` for NULL).
     pub fn write_copy_line(&self, import_id: Uuid, out: &mut String) {
         fn text(out: &mut String, value: Option<&str>) {
@@ -516,19 +533,21 @@ mod tests {
             line,
             "00000000-0000-0000-0000-000000000000\tPO\\t1\t3\tt\tEUR\tA\t1\t2\ta\\\\b\\nc\n"
         );
-        let stored = KeyedRow::from_stored(
-            3,
-            "PO\t1".into(),
-            true,
-            Some("EUR".into()),
-            Some("A".into()),
-            Some(1),
-            Some(2),
-            Some("a\\b\nc".into()),
-        );
-        assert_eq!(stored.unwrap(), row);
-        assert!(
-            KeyedRow::from_stored(3, "PO-1".into(), true, None, None, None, None, None).is_err()
-        );
+        let stored = StoredRow {
+            row_no: 3,
+            external_ref: "PO\t1".into(),
+            valid: true,
+            currency: Some("EUR".into()),
+            sku: Some("A".into()),
+            quantity: Some(1),
+            unit_price_cents: Some(2),
+            note: Some("a\\b\nc".into()),
+        };
+        assert_eq!(KeyedRow::try_from(stored.clone()).unwrap(), row);
+        let incomplete = StoredRow {
+            sku: None,
+            ..stored
+        };
+        assert!(KeyedRow::try_from(incomplete).is_err());
     }
 }

@@ -112,14 +112,8 @@ async fn process(context: &Context, import_id: Uuid) -> Result<(), JobError> {
         tracing::info!("the import is already finished");
         return Ok(());
     };
-    let started_staged =
-        import.staged || import.processed_rows > 0 || import.grouped_through.is_some();
     let together = match import.rows_together {
         Some(together) => together,
-        // Progress without a recorded way: begun by a version that only staged. A shortcut that
-        // saves reading the file; `record_rows_together` applies the same rule in SQL and has
-        // the last word (an older worker may begin staging while a deploy rolls).
-        None if started_staged => false,
         None => {
             let started = std::time::Instant::now();
             let together = pipeline::rows_are_together(context, &import).await?;

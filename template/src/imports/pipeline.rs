@@ -230,7 +230,7 @@ impl<'a> StoredFile<'a> {
 struct Staging {
     staged: Vec<KeyedRow>,
     errors: Vec<RowError>,
-    failed_rows: i32,
+    counts: Counts,
     rows: usize,
     committed_through: i32,
 }
@@ -240,7 +240,7 @@ impl Staging {
         Staging {
             staged: Vec::with_capacity(STAGE_BATCH_ROWS),
             errors: Vec::new(),
-            failed_rows: 0,
+            counts: Counts::default(),
             rows: 0,
             committed_through,
         }
@@ -249,7 +249,7 @@ impl Staging {
     fn add(&mut self, parsed: ParsedRow) {
         self.staged.extend(parsed.keyed);
         if !parsed.errors.is_empty() {
-            self.failed_rows += 1;
+            self.counts.failed_rows += 1;
             self.errors.extend(parsed.errors);
         }
         self.rows += 1;
@@ -264,27 +264,20 @@ impl Staging {
         through_row: i32,
     ) -> Result<(), JobError> {
         let mut tx = context.db.begin().await?;
-        let checkpoints = store::lock_checkpoints(&mut tx, import_id).await?;
-        if checkpoints.is_none_or(|(row, _)| row != self.committed_through) {
-            return Err(Superseded.into());
-        }
-        let counts = Counts {
-            failed_rows: self.failed_rows,
-            ..Counts::default()
-        };
+        still_at(&mut tx, import_id, Checkpoint::Row(self.committed_through)).await?;
         store::stage_batch(
             &mut tx,
             import_id,
             &self.staged,
             &self.errors,
-            counts,
+            self.counts,
             through_row,
         )
         .await?;
         tx.commit().await?;
         self.staged.clear();
         self.errors.clear();
-        self.failed_rows = 0;
+        self.counts = Counts::default();
         self.rows = 0;
         self.committed_through = through_row;
         stop_if_asked(context)
@@ -440,16 +433,7 @@ impl<'a> Writer<'a> {
             return Ok(());
         };
         let mut tx = batch.written.await??;
-        let Some((row, grouped)) = store::lock_checkpoints(&mut tx, self.import.id).await? else {
-            return Err(Superseded.into());
-        };
-        let unchanged = match &self.committed {
-            Checkpoint::Row(committed) => row == *committed,
-            Checkpoint::Grouped(committed) => grouped.as_deref().unwrap_or_default() == committed,
-        };
-        if !unchanged {
-            return Err(Superseded.into());
-        }
+        still_at(&mut tx, self.import.id, self.committed.as_deref()).await?;
         let through = batch.through.as_deref();
         store::advance(&mut tx, self.import.id, batch.counts, through).await?;
         tx.commit().await?;
@@ -473,6 +457,29 @@ impl Drop for Writer<'_> {
         for batch in &self.in_flight {
             batch.written.abort();
         }
+    }
+}
+
+/// Locks the import's row and checks that its checkpoint is still `committed`, where this run
+/// left it, and that the import is still running: otherwise another run is ahead, or the import
+/// was given up, and this run stops ([`Superseded`]).
+async fn still_at(
+    tx: &mut sqlx::PgConnection,
+    import_id: Uuid,
+    committed: Checkpoint<&str>,
+) -> Result<(), JobError> {
+    let unchanged = match store::lock_checkpoints(tx, import_id).await? {
+        None => false,
+        Some((row, grouped)) => match committed {
+            Checkpoint::Row(committed) => row == committed,
+            // No range grouped yet is the empty reference: every real one is longer.
+            Checkpoint::Grouped(committed) => grouped.as_deref().unwrap_or_default() == committed,
+        },
+    };
+    if unchanged {
+        Ok(())
+    } else {
+        Err(Superseded.into())
     }
 }
 

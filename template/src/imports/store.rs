@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::domain::{ImportStatus, KeyedRow, RowError};
-use crate::orders::domain::NewOrder;
+use super::domain::{ImportStatus, KeyedRow, RowError, StoredRow};
+use crate::orders::domain::{LineItem, NewOrder};
 use crate::pagination::Keyset;
 
 #[derive(Debug, Clone)]
@@ -378,27 +378,29 @@ pub async fn write_orders(
     errors: &[RowError],
 ) -> sqlx::Result<()> {
     if !orders.is_empty() {
-        let lines: usize = orders.iter().map(|order| order.items.len()).sum();
-        let mut o = OrderColumns::with_capacity(orders.len());
-        let mut i = ItemColumns::with_capacity(lines);
-        for order in orders {
-            // UUIDv7, as for orders created through the API: ids that grow append to the indexes.
-            let id = Uuid::now_v7();
-            o.ids.push(id);
-            o.currencies.push(order.currency.get());
-            o.totals.push(order.total_cents());
-            o.notes
-                .push(order.note.as_ref().map(|note| note.get().as_str()));
-            o.refs
-                .push(order.external_ref.as_ref().map(|r| r.get().as_str()));
-            for (position, item) in (1..).zip(&order.items) {
-                i.order_ids.push(id);
-                i.positions.push(position);
-                i.skus.push(item.sku.get());
-                i.quantities.push(*item.quantity.get());
-                i.prices.push(*item.unit_price.get());
-            }
-        }
+        // UUIDv7, as for orders created through the API: ids that grow append to the indexes.
+        let ids: Vec<Uuid> = orders.iter().map(|_| Uuid::now_v7()).collect();
+        let currencies: Vec<&str> = orders.iter().map(|o| o.currency.get().as_str()).collect();
+        let totals: Vec<i64> = orders.iter().map(NewOrder::total_cents).collect();
+        let notes: Vec<Option<&str>> = orders
+            .iter()
+            .map(|o| o.note.as_ref().map(|note| note.get().as_str()))
+            .collect();
+        let refs: Vec<Option<&str>> = orders
+            .iter()
+            .map(|o| o.external_ref.as_ref().map(|r| r.get().as_str()))
+            .collect();
+        // Each item with its order's id and its 1-based position.
+        let items: Vec<(Uuid, i32, &LineItem)> = ids
+            .iter()
+            .zip(orders)
+            .flat_map(|(id, order)| (1..).zip(&order.items).map(|(n, item)| (*id, n, item)))
+            .collect();
+        let item_orders: Vec<Uuid> = items.iter().map(|(id, _, _)| *id).collect();
+        let positions: Vec<i32> = items.iter().map(|(_, n, _)| *n).collect();
+        let skus: Vec<&str> = items.iter().map(|(_, _, i)| i.sku.get().as_str()).collect();
+        let quantities: Vec<i64> = items.iter().map(|(_, _, i)| *i.quantity.get()).collect();
+        let prices: Vec<i64> = items.iter().map(|(_, _, i)| *i.unit_price.get()).collect();
         sqlx::query!(
             "WITH created AS (
                  INSERT INTO orders (id, owner_id, currency, total_cents, note, external_ref)
@@ -417,61 +419,21 @@ pub async fn write_orders(
                   AS i (order_id, position, sku, quantity, unit_price_cents)
              WHERE i.order_id IN (SELECT id FROM created)",
             owner,
-            &o.ids,
-            &o.currencies as &[&String],
-            &o.totals,
-            &o.notes as &[Option<&str>],
-            &o.refs as &[Option<&str>],
-            &i.order_ids,
-            &i.positions,
-            &i.skus as &[&String],
-            &i.quantities,
-            &i.prices,
+            &ids,
+            &currencies as &[&str],
+            &totals,
+            &notes as &[Option<&str>],
+            &refs as &[Option<&str>],
+            &item_orders,
+            &positions,
+            &skus as &[&str],
+            &quantities,
+            &prices,
         )
         .execute(&mut *conn)
         .await?;
     }
     insert_errors(conn, import_id, errors).await
-}
-
-struct OrderColumns<'a> {
-    ids: Vec<Uuid>,
-    currencies: Vec<&'a String>,
-    totals: Vec<i64>,
-    notes: Vec<Option<&'a str>>,
-    refs: Vec<Option<&'a str>>,
-}
-
-impl OrderColumns<'_> {
-    fn with_capacity(n: usize) -> Self {
-        OrderColumns {
-            ids: Vec::with_capacity(n),
-            currencies: Vec::with_capacity(n),
-            totals: Vec::with_capacity(n),
-            notes: Vec::with_capacity(n),
-            refs: Vec::with_capacity(n),
-        }
-    }
-}
-
-struct ItemColumns<'a> {
-    order_ids: Vec<Uuid>,
-    positions: Vec<i32>,
-    skus: Vec<&'a String>,
-    quantities: Vec<i64>,
-    prices: Vec<i64>,
-}
-
-impl ItemColumns<'_> {
-    fn with_capacity(n: usize) -> Self {
-        ItemColumns {
-            order_ids: Vec::with_capacity(n),
-            positions: Vec::with_capacity(n),
-            skus: Vec::with_capacity(n),
-            quantities: Vec::with_capacity(n),
-            prices: Vec::with_capacity(n),
-        }
-    }
 }
 
 async fn insert_errors(
@@ -563,35 +525,6 @@ pub async fn next_range(
     )
     .fetch_one(db)
     .await
-}
-
-/// A staged row as stored; [`KeyedRow::from_stored`] parses it.
-pub struct StoredRow {
-    pub row_no: i32,
-    pub external_ref: String,
-    pub valid: bool,
-    pub currency: Option<String>,
-    pub sku: Option<String>,
-    pub quantity: Option<i64>,
-    pub unit_price_cents: Option<i64>,
-    pub note: Option<String>,
-}
-
-impl TryFrom<StoredRow> for KeyedRow {
-    type Error = validator::ValidationError;
-
-    fn try_from(row: StoredRow) -> Result<Self, Self::Error> {
-        KeyedRow::from_stored(
-            row.row_no,
-            row.external_ref,
-            row.valid,
-            row.currency,
-            row.sku,
-            row.quantity,
-            row.unit_price_cents,
-            row.note,
-        )
-    }
 }
 
 /// The staged rows with external_ref in (`after`, `through`], each order's rows together and in

@@ -783,6 +783,43 @@ async fn two_runs_of_one_import_at_once_import_it_once(db: PgPool) {
 }
 
 #[sqlx::test]
+async fn a_run_of_an_import_that_was_given_up_stops_adding_to_it(db: PgPool) {
+    // As when the job ran out of attempts while a worker presumed dead was only slow: the import
+    // is marked failed under the running worker, which must not commit another batch into it.
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let marker = "another run of this import is ahead";
+    let (worker, superseded) = start_worker_counting(&db, &[], marker).await;
+    let accepted: Value = upload(&app, &token, mixed_csv(20_000, true), "given-up")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    wait_for(&app, &token, id, |i| {
+        i["processed_rows"].as_i64().is_some_and(|n| n > 0)
+    })
+    .await;
+    let given_up_at: i32 = sqlx::query_scalar(
+        "UPDATE imports SET status = 'failed', finished_at = now() WHERE id = $1::uuid
+         RETURNING processed_rows",
+    )
+    .bind(id)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while superseded.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the run never stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let import = import_of(&app, &token, id).await;
+    assert_eq!(import["status"], "failed", "{import}");
+    assert_eq!(import["processed_rows"], given_up_at, "{import}");
+    terminate(&worker);
+}
+
+#[sqlx::test]
 async fn the_order_of_the_rows_in_the_file_does_not_change_what_is_imported(db: PgPool) {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, with_workers(&[])).await;
     // Valid orders, and orders broken in every way an order can be: a bad field (PO-005), two
