@@ -8,7 +8,7 @@
 # with every placeholder changed (`--git`) and one with default values (`--path`); in the rendered
 # service: rustfmt, clippy with warnings denied, an offline build (SQLX_OFFLINE=true, no
 # database), the offline-query check, the whole test suite against a throwaway Postgres and
-# Redis, promtool on the alert rules; finally the "Try it" command end to end, running the
+# Redis, the Dockerfile built and run without a container engine, promtool on the alert rules; finally the "Try it" command end to end, running the
 # commands it prints, and promtool on the live service's metrics.
 set -euo pipefail
 
@@ -104,6 +104,13 @@ SQLX_OFFLINE=true cargo test --locked --all-targets
 
 step "Contract: spectral lints openapi.json, schemathesis fuzzes the live service (zero failures)"
 bash scripts/contract-test.sh
+
+step "Dockerfile: every stage built and the image run, as its non-root user, without a container engine"
+# No Docker engine or image registry here: the script carries out the Dockerfile's instructions in
+# Debian root filesystems (debootstrap) and runs the result against this Postgres. The generated
+# service's own CI builds the image with Docker.
+python3 "$root/scripts/build-image-without-engine.py" "$service" --database-url "$DATABASE_URL" \
+  --api-port 18280 --admin-port 19280
 
 step "promtool check rules (the alert rules the service ships)"
 promtool check rules deploy/prometheus/alerts.yml

@@ -17,6 +17,15 @@ pub fn etag(version: i32) -> String {
     format!("\"v{version}\"")
 }
 
+/// The strong ETag of a representation with no version column (an import's progress): a digest
+/// of the bytes the client reads, so it changes exactly when they do.
+pub fn etag_of(representation: &[u8]) -> String {
+    use base64::Engine;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, representation);
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12]);
+    format!("\"{tag}\"")
+}
+
 /// Reads are cacheable only by the client, and only after revalidation with the ETag.
 pub const REVALIDATE: HeaderValue = HeaderValue::from_static("private, no-cache");
 

@@ -784,6 +784,8 @@ mod tests {
         let error = Config::from_map(&vars(&[
             ("API_ADDR", "not-an-address"),
             ("DATABASE_MAX_CONNECTIONS", "0"),
+            // Keys are kept at least a day (the contract's floor).
+            ("IDEMPOTENCY_RETENTION_HOURS", "23"),
             ("LOG_FORMAT", "xml"),
             ("RUST_LOG", "info,[=bad"),
         ]))
@@ -796,6 +798,7 @@ mod tests {
                 "API_ADDR",
                 "DATABASE_MAX_CONNECTIONS",
                 "DATABASE_URL",
+                "IDEMPOTENCY_RETENTION_HOURS",
                 "LOG_FORMAT",
                 "RUST_LOG",
                 "SECRET_KEY"

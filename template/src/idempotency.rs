@@ -41,8 +41,6 @@ pub struct Idempotency {
     method: String,
     route: String,
     path: String,
-    /// Part of the fingerprint: a retry with another `If-Match` is another request.
-    if_match: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Idempotency {
@@ -58,19 +56,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Idempotency {
             || parts.uri.path().to_owned(),
             |route| route.as_str().to_owned(),
         );
-        let if_match = parts
-            .headers
-            .get_all(header::IF_MATCH)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(",");
         Ok(Idempotency {
             key,
             method: parts.method.as_str().to_owned(),
             route,
             path: parts.uri.path().to_owned(),
-            if_match,
         })
     }
 }
@@ -262,14 +252,14 @@ impl Idempotency {
         result.map(IntoResponse::into_response)
     }
 
-    /// Same method, same path (so the same target resource), same `If-Match`, same canonical body.
+    /// Same method, same path (so the same target resource), same canonical body. Not
+    /// `If-Match`: a client that lost the answer may re-read the order and retry with the new
+    /// ETag, and must get the stored answer, not a 422 (preconditions come after the key).
     fn fingerprint(&self, body_digest: &[u8]) -> Vec<u8> {
         let message = [
             self.method.as_bytes(),
             b"\n",
             self.path.as_bytes(),
-            b"\n",
-            self.if_match.as_bytes(),
             b"\n",
             body_digest,
         ]

@@ -7,12 +7,13 @@
 //! - `config`: every environment variable. `db`: the pool and migrations. `telemetry`: logging.
 //! - Cross-cutting patterns, one module each: `problem` (errors), `extract` and `validation`
 //!   (request parsing), `idempotency`, `pagination`, `conditional` (ETags), `deprecation`, `rate_limit`, `client_ip`, `overload`, `kill_switch`,
-//!   `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
+//!   `circuit_breaker`, `request_id`, `request_log`, `metrics`, `security_headers`, `health`, `openapi`, `keys`.
 //! - Domain features: `auth` (login, tokens, default-deny), `users`, `orders`, `imports` (CSV
 //!   uploads processed by the worker), and `webhook` (the adapter that notifies a partner).
 
 pub mod app;
 pub mod auth;
+pub mod circuit_breaker;
 pub mod client_ip;
 pub mod conditional;
 pub mod config;

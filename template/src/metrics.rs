@@ -128,6 +128,10 @@ fn describe() {
         crate::webhook::CIRCUIT_OPEN,
         "1 while the webhook's circuit breaker is open."
     );
+    describe_gauge!(
+        crate::rate_limit::CIRCUIT_OPEN,
+        "1 while the rate limiter's circuit breaker to Redis is open (decisions are local)."
+    );
 }
 
 /// Records the request-duration histogram. Added with `Router::layer`, which wraps each route, so

@@ -14,7 +14,9 @@
 //! script makes each decision atomically, using Redis' clock, so several instances share them.
 //! If Redis cannot answer within `REDIS_TIMEOUT_MS`, the decision falls back to this process's
 //! own buckets: limits keep holding per instance rather than failing open or taking the API down
-//! with Redis (logged, and counted in `rate_limit_backend_errors_total`).
+//! with Redis (logged, and counted in `rate_limit_backend_errors_total`). After
+//! `REDIS_BREAKER_FAILURES` failures in a row a circuit breaker stops asking Redis for
+//! `REDIS_BREAKER_COOLDOWN`, so a hanging Redis does not add its timeout to every request.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,6 +34,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
 use redis::aio::ConnectionManager;
 
 use crate::auth::Principal;
+use crate::circuit_breaker::CircuitBreaker;
 use crate::client_ip::ClientIp;
 use crate::config::RateLimitConfig;
 use crate::problem::{ErrorCode, Problem};
@@ -40,6 +43,12 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub const REJECTIONS: &str = "rate_limit_rejections_total";
 pub const BACKEND_ERRORS: &str = "rate_limit_backend_errors_total";
+pub const CIRCUIT_OPEN: &str = "rate_limit_redis_circuit_open";
+
+/// Redis failures in a row that open its circuit: enough that one lost packet does not.
+const REDIS_BREAKER_FAILURES: u32 = 3;
+/// How long decisions stay local before one is tried on Redis again.
+const REDIS_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
 
 /// One named limit: `quota` requests per `window`, all of which may come at once.
 #[derive(Debug, Clone)]
@@ -180,10 +189,21 @@ struct RedisStore {
     script: redis::Script,
     prefix: String,
     timeout: Duration,
+    breaker: CircuitBreaker,
 }
 
 impl RedisStore {
-    async fn decide(&self, policy: &Policy, key: &str) -> anyhow::Result<Decision> {
+    /// `Ok(None)` when the circuit is open: Redis was not asked.
+    async fn decide(&self, policy: &Policy, key: &str) -> anyhow::Result<Option<Decision>> {
+        if self.breaker.allow().is_err() {
+            return Ok(None);
+        }
+        let reply = self.call(policy, key).await;
+        self.breaker.record(reply.is_ok());
+        reply.map(Some)
+    }
+
+    async fn call(&self, policy: &Policy, key: &str) -> anyhow::Result<Decision> {
         let mut connection = self.connection.clone();
         let mut invocation = self
             .script
@@ -245,6 +265,11 @@ impl RateLimiter {
                     script: redis::Script::new(GCRA_SCRIPT),
                     prefix: config.redis_prefix.clone(),
                     timeout: config.redis_timeout,
+                    breaker: CircuitBreaker::new(
+                        CIRCUIT_OPEN,
+                        REDIS_BREAKER_FAILURES,
+                        REDIS_BREAKER_COOLDOWN,
+                    ),
                 })
             }
         };
@@ -262,7 +287,9 @@ impl RateLimiter {
     pub async fn decide(&self, policy: &Policy, key: &str) -> Decision {
         if let Some(redis) = &self.redis {
             match redis.decide(policy, key).await {
-                Ok(decision) => return decision,
+                Ok(Some(decision)) => return decision,
+                // The circuit is open: counted when it opened, and its gauge says so.
+                Ok(None) => {}
                 Err(error) => {
                     metrics::counter!(BACKEND_ERRORS).increment(1);
                     tracing::warn!(%error, "rate-limit backend unavailable; using this process's buckets");

@@ -95,11 +95,29 @@ pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> 
         });
     }
     match parsed {
-        Err(error) => errors.push(FieldError {
-            pointer: typed_pointer(error.path()),
-            code: Cow::Borrowed("invalid_type"),
-            message: Cow::Owned(crate::extract::bounded(error.into_inner().to_string())),
-        }),
+        // serde stops at the first value of the wrong type, so a body with several is reported
+        // one at a time; every rule and unknown field before it is still listed.
+        Err(error) => {
+            let mut pointer = typed_pointer(error.path());
+            let message = error.into_inner().to_string();
+            errors.push(match missing_field(&message) {
+                // serde locates a missing field at its parent object: point at the field itself.
+                Some(field) => {
+                    pointer.push('/');
+                    pointer.push_str(&escape(field));
+                    FieldError {
+                        pointer,
+                        code: Cow::Borrowed("required"),
+                        message: Cow::Borrowed("is required"),
+                    }
+                }
+                None => FieldError {
+                    pointer,
+                    code: Cow::Borrowed("invalid_type"),
+                    message: Cow::Owned(crate::extract::bounded(message)),
+                },
+            });
+        }
         Ok(value) => {
             if let Err(invalid) = value.validate() {
                 collect(&invalid, "", &mut errors);
@@ -178,6 +196,12 @@ fn typed_pointer(path: &serde_path_to_error::Path) -> String {
             Segment::Enum { .. } | Segment::Unknown => None,
         })
         .collect()
+}
+
+/// The field named by serde's `missing_field` error, whose message is "missing field `name`".
+fn missing_field(message: &str) -> Option<&str> {
+    let (field, _) = message.strip_prefix("missing field `")?.split_once('`')?;
+    Some(field)
 }
 
 /// RFC 6901 escaping of one reference token.
@@ -261,6 +285,15 @@ mod tests {
             pointers(problem),
             ["/id read_only", "/lines/0/quantity invalid_type"]
         );
+    }
+
+    #[test]
+    fn a_missing_field_is_located_at_the_field_itself() {
+        let body = json!({"name": "ok", "lines": [{"quantity": 1}, {}]});
+        let problem = parse::<Body>(body).unwrap_err();
+        assert_eq!(pointers(problem), ["/lines/1/quantity required"]);
+        let problem = parse::<Body>(json!({"lines": []})).unwrap_err();
+        assert_eq!(pointers(problem), ["/name required"]);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! partner's wire format.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use apalis::prelude::*;
 use chrono::{DateTime, Utc};
@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::circuit_breaker::CircuitBreaker;
 use crate::config::Config;
 use crate::imports::domain::ImportStatus;
 use crate::imports::store::Import;
@@ -136,7 +137,13 @@ impl Webhook {
                 "{ip} is not a public address"
             )));
         }
-        self.breaker.allow()?;
+        if let Err(open) = self.breaker.allow() {
+            metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
+            return Err(DeliveryError::CircuitOpen {
+                failures: open.failures,
+                retry_in: open.retry_in,
+            });
+        }
         let event = WireEvent {
             type_: "import.finished",
             id: format!("import-{}", notification.import_id),
@@ -177,6 +184,12 @@ impl Webhook {
                 None => Err(DeliveryError::Transport(error.without_url())),
             },
         };
+        let outcome = if result.is_ok() {
+            "delivered"
+        } else {
+            "failed"
+        };
+        metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
         self.breaker.record(result.is_ok());
         result
     }
@@ -286,86 +299,6 @@ impl Resolve for PublicAddressesOnly {
     }
 }
 
-/// Consecutive failures open the circuit for `cooldown`; then one trial call decides whether it
-/// closes again. Written here rather than taken from apalis: its worker-level breaker (1.0)
-/// ignores its configured thresholds, and it would count every job error, not the partner's.
-#[derive(Debug)]
-pub struct CircuitBreaker {
-    threshold: u32,
-    cooldown: Duration,
-    state: Mutex<BreakerState>,
-}
-
-#[derive(Debug, Default)]
-struct BreakerState {
-    failures: u32,
-    open_until: Option<Instant>,
-}
-
-impl CircuitBreaker {
-    pub fn new(threshold: u32, cooldown: Duration) -> Self {
-        CircuitBreaker {
-            threshold,
-            cooldown,
-            state: Mutex::default(),
-        }
-    }
-
-    fn allow(&self) -> Result<(), DeliveryError> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match state.open_until {
-            Some(until) if Instant::now() < until => {
-                metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
-                Err(DeliveryError::CircuitOpen {
-                    failures: state.failures,
-                    retry_in: until - Instant::now(),
-                })
-            }
-            Some(_) => {
-                // Half-open: this call is the trial; until it ends, others are refused.
-                state.open_until = Some(Instant::now() + self.cooldown);
-                Ok(())
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Ends a half-open trial without a verdict: the next call is the trial again.
-    fn release_trial(&self) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.open_until.is_some() {
-            state.open_until = Some(Instant::now());
-        }
-    }
-
-    fn record(&self, success: bool) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if success {
-            metrics::counter!(DELIVERIES, "outcome" => "delivered").increment(1);
-            *state = BreakerState::default();
-        } else {
-            metrics::counter!(DELIVERIES, "outcome" => "failed").increment(1);
-            state.failures += 1;
-            if state.failures >= self.threshold {
-                if state.open_until.is_none() {
-                    tracing::warn!(failures = state.failures, "webhook circuit opened");
-                }
-                state.open_until = Some(Instant::now() + self.cooldown);
-            }
-        }
-        metrics::gauge!(CIRCUIT_OPEN).set(if state.open_until.is_some() { 1.0 } else { 0.0 });
-    }
-}
-
 /// Starts the notification worker; it runs until `stop` is cancelled. Without
 /// `IMPORT_WEBHOOK_URL` nothing is ever enqueued for it, and it is not started.
 pub fn spawn_worker(
@@ -382,6 +315,7 @@ pub fn spawn_worker(
             config.log.outbound_timeout,
             config.imports.webhook_allow_private,
             CircuitBreaker::new(
+                CIRCUIT_OPEN,
                 config.imports.breaker_failures,
                 config.imports.breaker_cooldown,
             ),
@@ -487,38 +421,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_breaker_opens_after_the_threshold_and_lets_one_trial_through() {
-        let breaker = CircuitBreaker::new(2, Duration::from_millis(50));
-        breaker.record(false);
-        assert!(
-            breaker.allow().is_ok(),
-            "one failure is below the threshold"
-        );
-        breaker.record(false);
-        assert!(matches!(
-            breaker.allow(),
-            Err(DeliveryError::CircuitOpen { failures: 2, .. })
-        ));
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(breaker.allow().is_ok(), "the trial after the cooldown");
-        assert!(breaker.allow().is_err(), "only one trial at a time");
-        breaker.release_trial();
-        assert!(
-            breaker.allow().is_ok(),
-            "a trial given back is the next call's"
-        );
-        breaker.record(true);
-        assert!(breaker.allow().is_ok(), "a good trial closes the circuit");
-    }
-
     #[tokio::test]
     async fn a_loopback_target_is_refused_before_any_call() {
         let webhook = Webhook::new(
             "http://127.0.0.1:9/hook".parse().unwrap(),
             Duration::from_secs(1),
             false,
-            CircuitBreaker::new(5, Duration::from_secs(1)),
+            CircuitBreaker::new(CIRCUIT_OPEN, 5, Duration::from_secs(1)),
         )
         .unwrap();
         let notification = Notification {
@@ -541,7 +450,7 @@ mod tests {
                 url.parse().unwrap(),
                 Duration::from_secs(1),
                 false,
-                CircuitBreaker::new(2, Duration::from_secs(1)),
+                CircuitBreaker::new(CIRCUIT_OPEN, 2, Duration::from_secs(1)),
             )
             .unwrap();
             for _ in 0..3 {

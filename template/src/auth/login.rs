@@ -7,7 +7,7 @@
 
 use axum::Extension;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -96,10 +96,12 @@ pub async fn issue_token(
         .await
         .map_err(Problem::internal)?;
     let Some(account) = account.filter(|_| verified) else {
+        // RFC 9110: a 401 names the scheme that would work; here, the token this route issues.
         return Err(Problem::new(
             ErrorCode::InvalidCredentials,
             "The e-mail or password is wrong.",
-        ));
+        )
+        .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
     };
 
     let principal = Principal {

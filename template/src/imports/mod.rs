@@ -25,7 +25,8 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::extract::{Json, Path, Query};
+use crate::conditional::{self, IfNoneMatch};
+use crate::extract::{Path, Query};
 use crate::idempotency::{Idempotency, Outcome};
 use crate::pagination::{Keyset, Page, PageParams, Position, split_page};
 use crate::problem::{ErrorCode, Problem};
@@ -98,6 +99,8 @@ pub struct ImportErrorView {
 #[allow(dead_code)]
 pub struct ImportPage {
     data: Vec<ImportView>,
+    /// Pass as `cursor` to get the next page. Always present: `null` on the last page.
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
@@ -105,6 +108,8 @@ pub struct ImportPage {
 #[allow(dead_code)]
 pub struct ImportErrorPage {
     data: Vec<ImportErrorView>,
+    /// Pass as `cursor` to get the next page. Always present: `null` on the last page.
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
@@ -164,7 +169,7 @@ fn is_csv(headers: &HeaderMap) -> bool {
     params(("Idempotency-Key" = String, Header, description = "1-255 printable ASCII characters; required.")),
     responses(
         (status = ACCEPTED, description = "Stored and queued.", body = ImportView,
-            headers(("Location" = String, description = "The import's URL."))),
+            headers(("Location" = String, description = "The import's URL."), ("ETag" = String, description = "The import as it is now; poll with `If-None-Match`."))),
         (status = BAD_REQUEST, description = "`idempotency_key_required`, `idempotency_key_invalid`, or `malformed_body` (a row longer than 64 KiB).", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
         (status = CONFLICT, description = "`idempotency_key_in_use`, with `Retry-After`.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
         (status = PAYLOAD_TOO_LARGE, description = "`payload_too_large`: over the size or row-count cap.", body = crate::problem::ProblemDocument, content_type = "application/problem+json"),
@@ -240,8 +245,11 @@ pub async fn create_import(
                 .await
                 .map_err(Problem::internal)?;
             created = true;
-            Outcome::json(StatusCode::ACCEPTED, &ImportView::from(import))?
-                .header(header::LOCATION, &format!("/v1/imports/{id}"))
+            let view = ImportView::from(import);
+            let etag = conditional::etag_of(&serde_json::to_vec(&view).map_err(Problem::internal)?);
+            Outcome::json(StatusCode::ACCEPTED, &view)?
+                .header(header::LOCATION, &format!("/v1/imports/{id}"))?
+                .header(header::ETAG, &etag)
         })
         .await;
     if !created {
@@ -300,7 +308,7 @@ pub async fn list_imports(
 }
 
 /// One import and its progress. While it is `queued` or `running`, `Retry-After` says when to
-/// poll again.
+/// poll again; send `If-None-Match` with the `ETag` to get 304 while nothing has moved.
 #[utoipa::path(
     get,
     path = "/v1/imports/{id}",
@@ -308,18 +316,42 @@ pub async fn list_imports(
     params(("id" = Uuid, Path, description = "Import id.")),
     responses(
         (status = OK, description = "The import.", body = ImportView,
-            headers(("Retry-After" = String, description = "Seconds until the next poll, while the import is not finished."))),
+            headers(("ETag" = String, description = "Changes whenever the import's progress does."),
+                ("Retry-After" = String, description = "Seconds until the next poll, while the import is not finished."))),
+        (status = NOT_MODIFIED, description = "Unchanged since the `ETag` in `If-None-Match`.",
+            headers(("ETag" = String), ("Retry-After" = String, description = "As for 200."))),
     ),
 )]
 pub async fn get_import(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<Uuid>,
+    if_none_match: IfNoneMatch,
 ) -> Result<Response, Problem> {
     let mut conn = state.db.acquire().await?;
     let import = visible_to(store::find(&mut conn, id).await?, &principal)?;
     let finished = import.status.is_finished();
-    let mut response = Json(ImportView::from(import)).into_response();
+    // Clients poll this until the import finishes: most polls change nothing and get a 304.
+    let body = serde_json::to_vec(&ImportView::from(import)).map_err(Problem::internal)?;
+    let etag = conditional::etag_of(&body);
+    let mut response = match if_none_match.not_modified(&etag) {
+        Some(not_modified) => not_modified,
+        None => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                (
+                    header::ETAG,
+                    HeaderValue::from_str(&etag).map_err(Problem::internal)?,
+                ),
+                (header::CACHE_CONTROL, conditional::REVALIDATE),
+            ],
+            body,
+        )
+            .into_response(),
+    };
     if !finished {
         response
             .headers_mut()

@@ -230,7 +230,8 @@ pub struct StatusFilter {
 #[allow(dead_code)]
 pub struct OrderPage {
     data: Vec<OrderView>,
-    /// Pass as `cursor` to get the next page; `null` on the last page.
+    /// Pass as `cursor` to get the next page. Always present: `null` on the last page.
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
@@ -444,10 +445,6 @@ pub async fn update_order(
             if_match.require()?;
             let order = visible_to(store::find_for_update(conn, id).await?, &principal)?;
             if_match.check(&conditional::etag(order.version))?;
-            if change.note.is_none() && change.external_ref.is_none() {
-                // Nothing to change: no new version, so other clients' ETags stay valid.
-                return order_outcome(StatusCode::OK, order);
-            }
             if order.status != OrderStatus::Draft {
                 return Err(Problem::new(
                     ErrorCode::InvalidStateTransition,
@@ -456,6 +453,10 @@ pub async fn update_order(
                         order.status
                     ),
                 ));
+            }
+            if change.note.is_none() && change.external_ref.is_none() {
+                // Nothing to change: no new version, so other clients' ETags stay valid.
+                return order_outcome(StatusCode::OK, order);
             }
             let note = change.note.unwrap_or_else(|| order.note.clone());
             let external_ref = change

@@ -66,6 +66,7 @@ async fn a_wrong_password_and_an_unknown_email_are_indistinguishable(db: PgPool)
             let response = token_request(&app, body.clone()).await;
             durations.push(started.elapsed().as_secs_f64());
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
             let mut problem: Value = response.json().await.unwrap();
             assert_eq!(problem["code"], "invalid_credentials");
             problem.as_object_mut().unwrap().remove("request_id");

@@ -337,7 +337,7 @@ async fn expired_keys_are_purged_and_fresh_ones_kept(db: PgPool) {
 }
 
 #[sqlx::test]
-async fn a_stored_412_replays_with_its_etag_and_a_corrected_retry_needs_a_new_key(db: PgPool) {
+async fn a_stored_412_replays_with_its_etag_whatever_if_match_the_retry_sends(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let (_, token) = app.token_for(Role::Customer).await;
     let (order, etag) = create(&app, &token).await;
@@ -360,17 +360,15 @@ async fn a_stored_412_replays_with_its_etag_and_a_corrected_retry_needs_a_new_ke
         "the stored problem keeps its headers"
     );
 
-    // Same key, corrected If-Match: a different request, not a replay of the 412.
+    // Same key, corrected If-Match: the same request by the contract's fingerprint (method,
+    // path, body), so the stored 412 again; applying the change takes a new key.
     let corrected = patch(&etag).await.unwrap();
-    assert_eq!(corrected.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(
-        corrected.json::<Value>().await.unwrap()["code"],
-        "idempotency_key_reused"
-    );
+    assert_eq!(corrected.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(corrected.headers()["idempotent-replayed"], "true");
 }
 
 #[sqlx::test]
-async fn a_missing_if_match_is_not_stored_but_a_replay_does_not_need_one(db: PgPool) {
+async fn a_428_for_a_missing_if_match_does_not_claim_the_key(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let (_, token) = app.token_for(Role::Customer).await;
     let (order, etag) = create(&app, &token).await;

@@ -26,14 +26,49 @@ fn every_operation_documents_its_error_responses() {
     for (path, item) in paths {
         for (method, operation) in item.as_object().unwrap() {
             let responses = operation["responses"].as_object().unwrap();
-            let internal =
-                &responses["500"]["content"]["application/problem+json"]["schema"]["$ref"];
-            assert_eq!(
-                internal, "#/components/schemas/ProblemDocument",
-                "{method} {path}"
-            );
+            let takes_body = operation.get("requestBody").is_some();
+            let has_path_id = operation["parameters"]
+                .as_array()
+                .is_some_and(|parameters| parameters.iter().any(|p| p["in"] == "path"));
+            // Public operations carry `security: []`, protected ones the bearer scheme.
+            let protected = operation["security"]
+                .as_array()
+                .is_some_and(|schemes| !schemes.is_empty());
+            let expected = [
+                ("500", true),
+                ("503", true),
+                ("429", path.starts_with("/v1/")),
+                ("400", takes_body || has_path_id),
+                ("413", takes_body),
+                ("415", takes_body),
+                ("422", takes_body),
+                ("404", has_path_id),
+                ("401", protected),
+            ];
+            for (status, _) in expected.into_iter().filter(|(_, when)| *when) {
+                if path == "/readyz" && status == "503" {
+                    continue; // Its 503 is the health report, not a problem.
+                }
+                let schema = &responses
+                    .get(status)
+                    .unwrap_or_else(|| panic!("{method} {path} documents no {status}"))["content"]
+                    ["application/problem+json"]["schema"]["$ref"];
+                assert_eq!(
+                    schema, "#/components/schemas/ProblemDocument",
+                    "{method} {path} {status}"
+                );
+            }
         }
     }
+    // Protected operations are the ones `auth::PUBLIC_ROUTES` leaves out.
+    assert_eq!(
+        paths["/v1/orders"]["get"]["security"][0]["bearer"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        paths["/v1/auth/token"]["post"]["security"],
+        serde_json::json!([])
+    );
 }
 
 #[sqlx::test]

@@ -378,6 +378,13 @@ async fn etags_drive_304_412_and_428(db: PgPool) {
         .await
         .unwrap();
     assert_eq!(locked.status(), StatusCode::CONFLICT);
+    // An empty change too: a client must not read a 200 as "still editable".
+    let empty = patch(Some("\"v4\""), json!({})).await.unwrap();
+    assert_eq!(empty.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        empty.json::<Value>().await.unwrap()["code"],
+        "invalid_state_transition"
+    );
 }
 
 #[sqlx::test]

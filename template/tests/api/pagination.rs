@@ -116,6 +116,13 @@ async fn limits_default_to_20_clamp_at_100_and_reject_nonsense(db: PgPool) {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
         assert_eq!(body["code"], "invalid_parameter", "{bad}");
     }
+    // Unknown parameters are ignored, but not at any length (checklist V3).
+    let padded = format!("?limit=5&padding={}", "a".repeat(2048));
+    let (status, _, body) = page(&app, &token, &padded).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_parameter");
+    let (status, _, _) = page(&app, &token, &padded[..2000]).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[sqlx::test]

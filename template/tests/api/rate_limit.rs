@@ -251,6 +251,51 @@ async fn with_redis_down_each_instance_falls_back_to_its_own_buckets(db: PgPool)
 }
 
 #[sqlx::test]
+async fn a_hanging_redis_is_waited_on_until_its_circuit_opens(db: PgPool) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let timeout = std::time::Duration::from_millis(1000);
+    let config = test_config(&[("REDIS_URL", &silent_url), ("REDIS_TIMEOUT_MS", "1000")]);
+    let app = TestApp::spawn_with(db, config).await;
+    let user = app.create_user(Role::Customer).await;
+    // The login's decisions (its IP's and its account's buckets) wait out the timeout, and so do
+    // the requests after it, until three failures in a row have opened the circuit.
+    let started = std::time::Instant::now();
+    let token = app.login(&user).await;
+    assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    let mut waited = 0;
+    loop {
+        let started = std::time::Instant::now();
+        assert_eq!(get_orders(&app, &token).await.status(), StatusCode::OK);
+        if started.elapsed() < timeout {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 3, "the circuit never opened");
+    }
+    // Then, for the cooldown (5 s), decisions are local at once; when a trial is next let through
+    // is `circuit_breaker`'s unit test.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let response = get_orders(&app, &token).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().contains_key("ratelimit"));
+        assert!(
+            started.elapsed() < timeout / 2,
+            "Redis was waited on: {:?}",
+            started.elapsed()
+        );
+    }
+    held.abort();
+}
+
+#[sqlx::test]
 async fn high_quotas_work_on_redis_too(db: PgPool) {
     // 100 000 a minute is an emission interval of 600 µs: below a millisecond.
     let config = test_config(&[
