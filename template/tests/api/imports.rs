@@ -609,12 +609,13 @@ async fn wait_for(app: &TestApp, token: &str, id: &str, ready: impl Fn(&Value) -
 /// Kills a real worker process with SIGKILL twice while it imports `file` (once `first_kill`
 /// holds, then once `second_kill` holds, given the progress seen at the first), lets a third
 /// worker finish, and compares everything with an uninterrupted import of the same file.
+/// Returns the finished import and its row errors, as served.
 async fn killed_twice_and_compared(
     db: &PgPool,
     file: String,
     first_kill: impl Fn(&Value) -> bool,
     second_kill: impl Fn(&Value, &Value) -> bool,
-) -> Value {
+) -> (Value, Vec<(i64, String, String)>) {
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
     let total = i64::try_from(file.lines().count() - 1).unwrap();
     let (user, token) = app.token_for(Role::Customer).await;
@@ -657,14 +658,14 @@ async fn killed_twice_and_compared(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(attempts >= 3, "the job ran three times: {attempts}");
-    same_as_an_uninterrupted_import(&app, db, file, user.id, &token, &done).await;
+    let errors = same_as_an_uninterrupted_import(&app, db, file, user.id, &token, &done).await;
     terminate(&worker);
-    done
+    (done, errors)
 }
 
 /// Imports `file` again, for another user and without interruption (a worker must be running),
 /// and checks that `done`, `user`'s import of it, has the same counters, row errors (each
-/// recorded once) and orders.
+/// recorded once) and orders. Returns `done`'s row errors, as served.
 async fn same_as_an_uninterrupted_import(
     app: &TestApp,
     db: &PgPool,
@@ -672,7 +673,7 @@ async fn same_as_an_uninterrupted_import(
     user: uuid::Uuid,
     token: &str,
     done: &Value,
-) {
+) -> Vec<(i64, String, String)> {
     let (reference_user, reference_token) = app.token_for(Role::Customer).await;
     let accepted: Value = upload(app, &reference_token, file, "reference")
         .await
@@ -695,8 +696,9 @@ async fn same_as_an_uninterrupted_import(
             "{counter}: {done} vs {reference}"
         );
     }
+    let errors = errors_of(app, token, done["id"].as_str().unwrap()).await;
     assert_eq!(
-        errors_of(app, token, done["id"].as_str().unwrap()).await,
+        errors,
         errors_of(app, &reference_token, reference_id).await,
         "each row error recorded once"
     );
@@ -704,6 +706,7 @@ async fn same_as_an_uninterrupted_import(
         orders_of(db, user).await,
         orders_of(db, reference_user.id).await
     );
+    errors
 }
 
 /// Whether the worker took the file's rows as they came (`true`) or staged and sorted them.
@@ -721,7 +724,7 @@ async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
     // some rejected, rows that name no order: a checkpoint that split an order, or counted a
     // row twice, would show. Killed once the first batch is in, then again after the next
     // worker has written more.
-    let done = killed_twice_and_compared(
+    let (done, _) = killed_twice_and_compared(
         &db,
         mixed_csv(20_000, true),
         |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
@@ -735,7 +738,7 @@ async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
 async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothing(db: PgPool) {
     // Each order's rows scattered over the file: staged, then grouped. Killed while rows are
     // staged, then once the next worker has created orders from them.
-    let done = killed_twice_and_compared(
+    let (done, _) = killed_twice_and_compared(
         &db,
         mixed_csv(20_000, false),
         |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
@@ -743,6 +746,202 @@ async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothi
     )
     .await;
     assert!(!rows_together(&db, &done).await);
+}
+
+/// Row errors per transaction on the direct way: `BATCH_ERRORS` in src/imports/pipeline.rs.
+const BATCH_ERRORS: usize = 5_000;
+
+/// One data row of a generated file, and the one error it must get as (field, code), if any.
+type Line = (String, Option<(&'static str, &'static str)>);
+
+/// `blocks` times: an order that is created (2 rows), an order of 20 rows of which 13 are bad in
+/// each way a row or an order can be (rejected), and 40 rows that name no order; 53 of 62 rows
+/// bad. Grouped: each order's rows, and each row that names no order on its own.
+fn mostly_bad_rows(blocks: usize) -> Vec<Vec<Line>> {
+    let mut groups = Vec::new();
+    for block in 0..blocks {
+        let (good, bad, price) = (2 * block, 2 * block + 1, 100 + block % 50);
+        groups.push(vec![
+            (format!("PO-{good:06},EUR,SKU-0,1,{price},"), None),
+            (
+                format!("PO-{good:06},EUR,SKU-1,2,{price},note {good}"),
+                None,
+            ),
+        ]);
+        groups.push(
+            (0..20)
+                .map(|line| {
+                    let row =
+                        |quantity: &str| format!("PO-{bad:06},EUR,SKU-{line},{quantity},{price},");
+                    match line {
+                        4 => (
+                            format!("PO-{bad:06},USD,SKU-{line},1,{price},"),
+                            Some(("currency", "currency_mismatch")),
+                        ),
+                        8 => (row("x"), Some(("quantity", "type"))),
+                        12 => (
+                            format!("PO-{bad:06},EUR,SKU-{line},1"),
+                            Some(("row", "field_count")),
+                        ),
+                        line if line % 2 == 1 => (row("0"), Some(("quantity", "range"))),
+                        _ => (row("1"), None),
+                    }
+                })
+                .collect(),
+        );
+        for line in 0..40 {
+            groups.push(vec![if line % 2 == 0 {
+                (
+                    ",EUR,SKU-X,1,1,".to_owned(),
+                    Some(("external_ref", "length")),
+                )
+            } else {
+                (",EUR".to_owned(), Some(("row", "field_count")))
+            }]);
+        }
+    }
+    groups
+}
+
+/// The file of `groups`, each group's rows together or dealt out round robin (each order's rows
+/// stay in their order), and the errors it must get as the errors endpoint serves them: (row,
+/// field, code), by row, each once.
+fn laid_out(groups: &[Vec<Line>], together: bool) -> (String, Vec<(i64, String, String)>) {
+    let lines: Vec<&Line> = if together {
+        groups.iter().flatten().collect()
+    } else {
+        let longest = groups.iter().map(Vec::len).max().unwrap_or_default();
+        (0..longest)
+            .flat_map(|line| groups.iter().filter_map(move |group| group.get(line)))
+            .collect()
+    };
+    let mut file = String::from(HEADER);
+    let mut errors = Vec::new();
+    for (row, (text, error)) in (1..).zip(lines) {
+        file.push_str(text);
+        file.push('\n');
+        if let Some((field, code)) = error {
+            errors.push((row, (*field).to_owned(), (*code).to_owned()));
+        }
+    }
+    (file, errors)
+}
+
+/// Checks a finished import of [`mostly_bad_rows`]`(blocks)` against what the file holds: its
+/// counters, every row error served once, and its orders.
+async fn imported_every_row_once(
+    db: &PgPool,
+    blocks: usize,
+    done: &Value,
+    errors: &[(i64, String, String)],
+    expected: &[(i64, String, String)],
+) {
+    let block = |n: usize| i64::try_from(n * blocks).unwrap();
+    let counters = [
+        "total_rows",
+        "processed_rows",
+        "failed_rows",
+        "imported_orders",
+        "rejected_orders",
+    ]
+    .map(|counter| done[counter].as_i64().unwrap());
+    assert_eq!(
+        counters,
+        [block(62), block(62), block(53), block(1), block(1)],
+        "{done}"
+    );
+    assert_eq!(done["status"], "completed_with_errors");
+    // Tens of thousands of errors: say where they differ rather than print them all.
+    let first_difference = errors.iter().zip(expected).position(|(a, b)| a != b);
+    assert!(
+        errors.len() == expected.len() && first_difference.is_none(),
+        "{} errors served, {} expected; first difference at {first_difference:?}: {:?} vs {:?}",
+        errors.len(),
+        expected.len(),
+        first_difference.map(|i| &errors[i]),
+        first_difference.map(|i| &expected[i]),
+    );
+    let owner: uuid::Uuid = sqlx::query_scalar("SELECT owner_id FROM imports WHERE id = $1::uuid")
+        .bind(done["id"].as_str().unwrap())
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let expected_orders: Vec<OrderLines> = (0..blocks)
+        .map(|block| {
+            let (good, price) = (2 * block, i64::try_from(100 + block % 50).unwrap());
+            (
+                format!("PO-{good:06}"),
+                "EUR".to_owned(),
+                Some(format!("note {good}")),
+                3 * price,
+                vec![
+                    ("SKU-0".to_owned(), 1, price),
+                    ("SKU-1".to_owned(), 2, price),
+                ],
+            )
+        })
+        .collect();
+    assert!(
+        orders_of(db, owner).await == expected_orders,
+        "the orders of the valid rows, no more"
+    );
+}
+
+#[sqlx::test]
+async fn more_row_errors_than_a_batch_holds_are_each_recorded_once_when_rows_are_together(
+    db: PgPool,
+) {
+    // Guards against: a file that is mostly bad rows (a wrong export) losing or doubling row
+    // errors where a batch closes on its error count, or a crash there doing so; and against such
+    // a file being held in one transaction, in memory, with no progress committed. 37 200 rows,
+    // 31 800 of them bad, in only 1 200 orders (fewer than a batch of orders): only the error
+    // count closes batches. Killed once the first batch is in, then again after more.
+    let blocks = 600;
+    let (file, expected) = laid_out(&mostly_bad_rows(blocks), true);
+    let (done, errors) = killed_twice_and_compared(
+        &db,
+        file,
+        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
+        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
+    )
+    .await;
+    assert!(rows_together(&db, &done).await);
+    imported_every_row_once(&db, blocks, &done, &errors, &expected).await;
+    // Each committed batch held about BATCH_ERRORS errors at most (what bounds the worker's
+    // memory): it closes at the end of the order (at most 20 rows here) during which its errors
+    // reached the limit. The rows one transaction wrote share their `xmin`.
+    let per_batch: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FROM import_errors WHERE import_id = $1::uuid GROUP BY xmin::text",
+    )
+    .bind(done["id"].as_str().unwrap())
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let largest = per_batch.iter().max().copied().unwrap_or_default();
+    assert!(
+        largest <= i64::try_from(BATCH_ERRORS + 20).unwrap(),
+        "errors per committed batch: {per_batch:?}"
+    );
+}
+
+#[sqlx::test]
+async fn more_row_errors_than_a_batch_holds_are_each_recorded_once_when_rows_are_staged(
+    db: PgPool,
+) {
+    // Guards against: the same file with each order's rows scattered, staged 5 000 rows per
+    // transaction with their errors, losing or doubling errors at a staging batch's edge or
+    // across a crash there. Killed twice while staging.
+    let blocks = 600;
+    let (file, expected) = laid_out(&mostly_bad_rows(blocks), false);
+    let (done, errors) = killed_twice_and_compared(
+        &db,
+        file,
+        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
+        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
+    )
+    .await;
+    assert!(!rows_together(&db, &done).await);
+    imported_every_row_once(&db, blocks, &done, &errors, &expected).await;
 }
 
 #[sqlx::test]
@@ -1248,4 +1447,152 @@ async fn an_import_that_lost_its_job_gets_a_new_one_from_the_cleanup(db: PgPool)
     let done = finished(&app, &token, &id.to_string()).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     terminate(&worker);
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_fast_path_migration_keeps_imports_begun_on_the_staged_way_on_it(db: PgPool) {
+    // Guards against: a deploy that adds the fast path while an older worker (which only stages)
+    // is half-way through an import. Its next run must go on staging and grouping: written
+    // straight from the file past `processed_rows`, it would skip the rows already staged and
+    // never make their orders. The migration marks such imports `rows_together = false`, and
+    // leaves every other import's null: one not begun yet is read and decided by the new worker;
+    // a finished one is never run again.
+    const FAST_PATH: i64 = 20261202000001;
+    let migrator = &service::db::MIGRATOR;
+    assert!(migrator.version_exists(FAST_PATH), "the migration is there");
+    // The schema the older worker ran on: every migration before this one.
+    migrator.run_to(FAST_PATH - 1, &db).await.unwrap();
+    let has_column: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                        WHERE table_name = 'imports' AND column_name = 'rows_together')",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(!has_column, "not migrated past the fast path yet");
+
+    let owner = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO users (id, email, password_hash, role) VALUES ($1, $2, 'unused', 'customer')",
+    )
+    .bind(owner)
+    .bind(format!("{owner}@example.com"))
+    .execute(&db)
+    .await
+    .unwrap();
+    // (status, processed_rows, failed_rows, staged, grouped_through) and rows_together after the
+    // migration.
+    type Case = (
+        &'static str,
+        i32,
+        i32,
+        bool,
+        Option<&'static str>,
+        Option<bool>,
+    );
+    let cases: [Case; 8] = [
+        // In progress on the staged way: must go on that way.
+        ("running", 5_000, 312, false, None, Some(false)), // mid-staging
+        ("running", 12_000, 700, true, None, Some(false)), // staged, nothing grouped yet
+        (
+            "running",
+            12_000,
+            700,
+            true,
+            Some("PO-0001999"),
+            Some(false),
+        ), // mid-grouping
+        ("queued", 5_000, 312, false, None, Some(false)),  // progress, then queued again
+        // Not begun: the new worker reads the file and picks the way.
+        ("queued", 0, 0, false, None, None),
+        ("running", 0, 0, false, None, None), // started, nothing committed
+        // Finished: never run again.
+        (
+            "completed_with_errors",
+            12_000,
+            700,
+            true,
+            Some("PO-0002399"),
+            None,
+        ),
+        ("failed", 5_000, 312, false, None, None),
+    ];
+    let mut ids = Vec::new();
+    for (status, processed, failed, staged, grouped, _) in cases {
+        let id = uuid::Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO imports (id, owner_id, status, size_bytes, total_rows, processed_rows,
+                                  failed_rows, staged, grouped_through, started_at, finished_at)
+             VALUES ($1, $2, $3, 400000, 12000, $4, $5, $6, $7,
+                     CASE WHEN $4 > 0 OR $3 <> 'queued' THEN now() END,
+                     CASE WHEN $3 IN ('completed_with_errors', 'failed') THEN now() END)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(status)
+        .bind(processed)
+        .bind(failed)
+        .bind(staged)
+        .bind(grouped)
+        .execute(&db)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+
+    migrator.run_to(FAST_PATH, &db).await.unwrap();
+    for ((status, processed, _, staged, grouped, expected), id) in cases.iter().zip(&ids) {
+        let together: Option<bool> =
+            sqlx::query_scalar("SELECT rows_together FROM imports WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!(
+            together, *expected,
+            "{status}, processed_rows {processed}, staged {staged}, grouped_through {grouped:?}"
+        );
+    }
+}
+
+#[sqlx::test]
+async fn a_poll_answers_304_until_the_import_moves(db: PgPool) {
+    // Clients poll an import until it finishes, and most polls find nothing new: those cost a
+    // 304 with no body.
+    let db = with_job_queue(db).await;
+    let app = TestApp::spawn_with(db.clone(), import_config(&[])).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let response = upload(&app, &token, csv(3, 2), "poll").await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let queued_tag = response.headers()["etag"].to_str().unwrap().to_owned();
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let poll = |tag: &str| {
+        app.call(Method::GET, &format!("/v1/imports/{id}"), &token)
+            .header("if-none-match", tag)
+            .send()
+    };
+    let unchanged = poll(&queued_tag).await.unwrap();
+    assert_eq!(unchanged.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(unchanged.headers()["etag"], queued_tag.as_str());
+    assert!(
+        unchanged.headers().contains_key("retry-after"),
+        "still queued: poll again"
+    );
+
+    let worker = start_worker(&db, &[]).await;
+    let done = finished(&app, &token, &id).await;
+    terminate(&worker);
+    let moved = poll(&queued_tag).await.unwrap();
+    assert_eq!(moved.status(), StatusCode::OK);
+    let done_tag = moved.headers()["etag"].to_str().unwrap().to_owned();
+    assert_ne!(done_tag, queued_tag);
+    assert!(!moved.headers().contains_key("retry-after"));
+    assert_eq!(moved.json::<Value>().await.unwrap(), done);
+    assert_eq!(
+        poll(&done_tag).await.unwrap().status(),
+        StatusCode::NOT_MODIFIED
+    );
 }

@@ -10,7 +10,7 @@ use service::users::Role;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, TestUser};
+use crate::harness::{TestApp, TestUser, with_job_queue};
 use crate::statements;
 
 /// Inserts `count` orders for `owner` straight through the store (fast set-up).
@@ -216,6 +216,90 @@ async fn a_page_of_orders_with_items_costs_the_same_queries_whatever_its_size(db
         [2, 2, 2],
         "one query for the page, one for all its items"
     );
+}
+
+#[sqlx::test]
+async fn every_list_query_reads_an_index_in_its_order(db: PgPool) {
+    // A list without an index behind it is fast in development and a sequential scan plus a sort
+    // of the whole table in production. Postgres' own plans say which: every list, first page and
+    // next, for a customer and for an admin, with and without a filter.
+    statements::install();
+    let db = with_job_queue(db).await;
+    let app = TestApp::spawn(statements::explaining(&db).await).await;
+    let customer = app.create_user(Role::Customer).await;
+    let token = app.login(&customer).await;
+    let (_, admin) = app.token_for(Role::Admin).await;
+    // Another customer with most of the orders, older and newer than this one's, and
+    // statistics: the planner sees what it would in production.
+    let other = app.create_user(Role::Customer).await;
+    seed(&app, &other, 50, 1).await;
+    seed(&app, &customer, 3, 1).await;
+    seed(&app, &other, 50, 1).await;
+    sqlx::query("ANALYZE").execute(&app.db).await.unwrap();
+    let csv = "external_ref,currency,sku,quantity,unit_price_cents\nPO-1,EUR,A,1,100\n";
+    let import: Value = app
+        .call(Method::POST, "/v1/imports", &token)
+        .header("idempotency-key", "explain")
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let errors = format!("/v1/imports/{}/errors", import["id"].as_str().unwrap());
+
+    let mut lists = Vec::new();
+    for (token, path) in [
+        (&token, "/v1/orders"),
+        (&token, "/v1/orders?status=draft"),
+        (&admin, "/v1/orders"),
+        (&admin, "/v1/orders?status=draft"),
+        (&token, "/v1/imports"),
+        (&token, &errors),
+    ] {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let first = format!("{path}{separator}limit=1");
+        let (body, plans) = explained(&app, token, &first).await;
+        lists.extend(plans.into_iter().map(|plan| (first.clone(), plan)));
+        if let Some(cursor) = body["next_cursor"].as_str() {
+            let next = format!("{first}&cursor={cursor}");
+            let (_, plans) = explained(&app, token, &next).await;
+            lists.extend(plans.into_iter().map(|plan| (next.clone(), plan)));
+        }
+    }
+    assert!(lists.len() >= 10, "{lists:#?}");
+    for (request, plan) in lists {
+        assert!(
+            plan.contains("Index Scan") || plan.contains("Index Only Scan"),
+            "{request}: {plan}"
+        );
+        // No sort of what was read, and nothing read only to be filtered out: the index holds
+        // the page's rows in order and every condition is one of its conditions.
+        assert!(
+            !plan.contains("Seq Scan") && !plan.contains("Sort") && !plan.contains("Filter:"),
+            "{request}: {plan}"
+        );
+    }
+}
+
+/// The body of a list request, and the plans of its statements that read a page (`LIMIT`).
+async fn explained(app: &TestApp, token: &str, path: &str) -> (Value, Vec<String>) {
+    let request_id = Uuid::now_v7().to_string();
+    let response = app
+        .call(Method::GET, path, token)
+        .header("x-request-id", &request_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let body = response.json().await.unwrap();
+    let plans = statements::plans(&request_id)
+        .into_iter()
+        .filter(|plan| plan.contains("Limit"))
+        .collect();
+    (body, plans)
 }
 
 #[sqlx::test]
