@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 use service::db;
+use service::users::Role;
 use sqlx::PgPool;
 
 use crate::harness::{TestApp, test_config};
@@ -100,4 +101,29 @@ async fn a_statement_over_the_timeout_is_cancelled_and_becomes_a_503_timeout(db:
     );
     let problem = service::problem::Problem::from(error);
     assert_eq!(problem.code(), service::problem::ErrorCode::Timeout);
+
+    // Over HTTP: an edit that waits behind another transaction's lock on the order is cancelled
+    // at the timeout and answers 503 `timeout`, instead of holding its connection.
+    let app = TestApp::spawn_with(pool, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let (order, etag) = crate::orders::create(&app, &token).await;
+    let id: uuid::Uuid = order["id"].as_str().unwrap().parse().unwrap();
+    let mut holder = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let response = app
+        .call(reqwest::Method::PATCH, &format!("/v1/orders/{id}"), &token)
+        .header("if-match", etag)
+        .json(&serde_json::json!({"note": "waits"}))
+        .send()
+        .await
+        .unwrap();
+    holder.rollback().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "timeout");
 }

@@ -1108,12 +1108,12 @@ async fn the_order_of_the_rows_in_the_file_does_not_change_what_is_imported(db: 
 #[sqlx::test]
 async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
     let calls = Arc::new(AtomicUsize::new(0));
-    let received = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let received = Arc::new(std::sync::Mutex::new(Vec::<(Value, Option<String>)>::new()));
     let receiver = Router::new().route(
         "/hook",
         post({
             let (calls, received) = (calls.clone(), received.clone());
-            move |body: axum::Json<Value>| async move {
+            move |headers: axum::http::HeaderMap, body: axum::Json<Value>| async move {
                 match calls.fetch_add(1, Ordering::SeqCst) {
                     0 | 1 => StatusCode::INTERNAL_SERVER_ERROR,
                     2 => {
@@ -1121,7 +1121,11 @@ async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
                         StatusCode::OK
                     }
                     _ => {
-                        received.lock().unwrap().push(body.0);
+                        let request_id = headers
+                            .get("x-request-id")
+                            .and_then(|value| value.to_str().ok())
+                            .map(str::to_owned);
+                        received.lock().unwrap().push((body.0, request_id));
                         StatusCode::NO_CONTENT
                     }
                 }
@@ -1139,8 +1143,15 @@ async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
     ]);
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, config).await;
     let (_, token) = app.token_for(Role::Customer).await;
-    let accepted: Value = upload(&app, &token, csv(2, 1), "notify")
+    let accepted: Value = app
+        .call(Method::POST, "/v1/imports", &token)
+        .header("idempotency-key", "notify")
+        .header("content-type", "text/csv")
+        .header("x-request-id", "upload-that-notifies")
+        .body(csv(2, 1))
+        .send()
         .await
+        .unwrap()
         .json()
         .await
         .unwrap();
@@ -1156,7 +1167,12 @@ async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let event = received.lock().unwrap()[0].clone();
+    let (event, request_id) = received.lock().unwrap()[0].clone();
+    assert_eq!(
+        request_id.as_deref(),
+        Some("upload-that-notifies"),
+        "the partner can quote the request that started the import"
+    );
     assert_eq!(event["type"], "import.finished");
     assert_eq!(event["id"], format!("import-{id}"));
     assert_eq!(event["data"]["status"], "succeeded");
