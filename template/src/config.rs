@@ -217,6 +217,15 @@ impl ConfigError {
     }
 }
 
+/// The secrets that may come from a file instead, as container platforms mount them
+/// (`SECRET_KEY_FILE=/run/secrets/secret_key`): the file's contents, less a trailing newline.
+const SECRET_FILES: &[(&str, &str)] = &[
+    ("DATABASE_URL", "DATABASE_URL_FILE"),
+    ("SECRET_KEY", "SECRET_KEY_FILE"),
+    ("REDIS_URL", "REDIS_URL_FILE"),
+    ("SENTRY_DSN", "SENTRY_DSN_FILE"),
+];
+
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -229,9 +238,28 @@ impl Config {
     }
 
     fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let mut from_files = HashMap::new();
+        for &(name, file_name) in SECRET_FILES {
+            let Some(path) = lookup(file_name).filter(|path| !path.trim().is_empty()) else {
+                continue;
+            };
+            if lookup(name).is_some_and(|value| !value.trim().is_empty()) {
+                problems.push((file_name, format!("set {name} or {file_name}, not both")));
+                continue;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(value) => {
+                    from_files.insert(name, value.trim_end_matches(['\r', '\n']).to_owned());
+                }
+                // The path is configuration, not a secret: naming it helps.
+                Err(error) => problems.push((file_name, format!("cannot read {path}: {error}"))),
+            }
+        }
+        let lookup = |name: &str| from_files.get(name).cloned().or_else(|| lookup(name));
         let mut env = Reader {
             lookup: &lookup,
-            problems: Vec::new(),
+            problems,
         };
 
         let environment = env.environment("APP_ENV");
@@ -360,6 +388,12 @@ impl Config {
                 problems: env.problems,
             });
         };
+        // A secret given twice (variable and file) leaves a usable value, and still stops here.
+        if !env.problems.is_empty() {
+            return Err(ConfigError {
+                problems: env.problems,
+            });
+        }
         Ok(Config {
             environment,
             api_addr,
@@ -715,6 +749,8 @@ impl Reader<'_> {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret;
+
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -809,6 +845,41 @@ mod tests {
             message.contains("API_ADDR: cannot parse \"not-an-address\""),
             "{message}"
         );
+    }
+
+    #[test]
+    fn secrets_may_come_from_files_but_not_from_both_places() {
+        let dir = std::env::temp_dir().join(format!("config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("secret_key");
+        std::fs::write(&key_file, format!("{SECRET}\n")).unwrap();
+        let key_path = key_file.to_str().unwrap();
+        let config = Config::from_map(&vars(&[
+            ("DATABASE_URL", "postgres://localhost/app"),
+            ("SECRET_KEY_FILE", key_path),
+        ]))
+        .unwrap();
+        assert_eq!(config.auth.secret_key.expose_secret(), SECRET);
+
+        let both = Config::from_map(&vars(&[
+            ("DATABASE_URL", "postgres://localhost/app"),
+            ("SECRET_KEY", SECRET),
+            ("SECRET_KEY_FILE", key_path),
+        ]))
+        .unwrap_err();
+        assert_eq!(both.variables().collect::<Vec<_>>(), ["SECRET_KEY_FILE"]);
+        let unreadable = Config::from_map(&vars(&[
+            ("DATABASE_URL_FILE", "/nonexistent/database_url"),
+            ("SECRET_KEY", SECRET),
+        ]))
+        .unwrap_err();
+        assert!(
+            unreadable
+                .to_string()
+                .contains("DATABASE_URL_FILE: cannot read /nonexistent/database_url"),
+            "{unreadable}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

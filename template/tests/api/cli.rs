@@ -306,6 +306,7 @@ async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPoo
     let orders = client
         .get(format!("{api}/v1/orders"))
         .bearer_auth(&token)
+        .header("cookie", "session=cookie-secret-value")
         .send()
         .await
         .unwrap();
@@ -347,7 +348,13 @@ async fn passwords_and_tokens_never_reach_the_logs_even_at_debug_level(db: PgPoo
         })
         .expect("the read's request line");
     assert_eq!(read["span"]["principal"], user_id.to_string());
-    for secret in [PASSWORD, "another secret 123", &token, "forged.token.value"] {
+    for secret in [
+        PASSWORD,
+        "another secret 123",
+        &token,
+        "forged.token.value",
+        "cookie-secret-value",
+    ] {
         assert!(
             !everything.contains(secret),
             "{secret:?} appeared in the logs"
