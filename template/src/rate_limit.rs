@@ -300,27 +300,40 @@ impl RateLimiter {
     }
 
     /// Login: one attempt from the IP's bucket and one from the account name's, whether or not
-    /// the account exists.
-    pub async fn check_login(&self, ip: IpAddr, account: &str) -> Result<(), Problem> {
+    /// the account exists. The handler puts the [`HandlerLimits`] in its response, refused or
+    /// not, so that the RateLimit headers show the login's policies too.
+    pub async fn check_login(
+        &self,
+        ip: IpAddr,
+        account: &str,
+    ) -> (HandlerLimits, Result<(), Problem>) {
         let by_ip = self.decide(&self.login_per_ip, &ip_key(ip)).await;
         let by_account = self
             .decide(&self.login_per_account, &account.trim().to_lowercase())
             .await;
-        let denied = [
+        let applied = [
             (&self.login_per_ip, by_ip),
             (&self.login_per_account, by_account),
-        ]
-        .into_iter()
-        .filter(|(_, decision)| !decision.allowed)
-        .max_by_key(|(_, decision)| decision.retry_after);
-        match denied {
+        ];
+        let limits = HandlerLimits(
+            applied
+                .iter()
+                .map(|(policy, decision)| (policy.header_item(), state_item(policy, decision)))
+                .collect(),
+        );
+        let denied = applied
+            .into_iter()
+            .filter(|(_, decision)| !decision.allowed)
+            .max_by_key(|(_, decision)| decision.retry_after);
+        let result = match denied {
             None => Ok(()),
             Some((policy, decision)) => Err(rejected(
                 policy.name,
                 decision.retry_after,
                 "Too many login attempts; wait before trying again.",
             )),
-        }
+        };
+        (limits, result)
     }
 
     /// Forgets full local buckets, so memory does not grow with every key ever seen.
@@ -337,6 +350,20 @@ fn ip_key(ip: IpAddr) -> String {
         IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, 64)
             .map_or_else(|_| v6.to_string(), |net| net.trunc().to_string()),
     }
+}
+
+/// Decisions a handler made on buckets of its own (login's), as `RateLimit-Policy` and
+/// `RateLimit` items, for [`enforce`] to report beside the ones it made.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerLimits(Vec<(String, String)>);
+
+fn state_item(policy: &Policy, decision: &Decision) -> String {
+    format!(
+        "\"{}\";r={};t={}",
+        policy.name,
+        decision.remaining,
+        ceil_secs(decision.reset)
+    )
 }
 
 fn rejected(policy: &'static str, wait: Duration, detail: &'static str) -> Problem {
@@ -394,23 +421,16 @@ pub async fn enforce(
         .into_response(),
         None => next.run(request).await,
     };
-    let policies = applied
+    let from_handler = response
+        .extensions_mut()
+        .remove::<HandlerLimits>()
+        .unwrap_or_default();
+    let (policies, states): (Vec<String>, Vec<String>) = applied
         .iter()
-        .map(|(policy, _)| policy.header_item())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let states = applied
-        .iter()
-        .map(|(policy, decision)| {
-            format!(
-                "\"{}\";r={};t={}",
-                policy.name,
-                decision.remaining,
-                ceil_secs(decision.reset)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+        .map(|(policy, decision)| (policy.header_item(), state_item(policy, decision)))
+        .chain(from_handler.0)
+        .unzip();
+    let (policies, states) = (policies.join(", "), states.join(", "));
     for (name, value) in [(RATELIMIT_POLICY, policies), (RATELIMIT, states)] {
         if let Ok(value) = HeaderValue::from_str(&value) {
             response.headers_mut().insert(name, value);
@@ -468,23 +488,25 @@ mod tests {
     async fn login_is_limited_per_ip_and_per_account() {
         let limiter = limiter(100);
         let ip = IpAddr::from([10, 0, 0, 1]);
-        assert!(limiter.check_login(ip, "ann@example.com").await.is_ok());
-        assert!(limiter.check_login(ip, "ANN@example.com ").await.is_ok());
+        assert!(limiter.check_login(ip, "ann@example.com").await.1.is_ok());
+        assert!(limiter.check_login(ip, "ANN@example.com ").await.1.is_ok());
         let limited = limiter
             .check_login(ip, "ann@example.com")
             .await
+            .1
             .unwrap_err();
         assert_eq!(limited.code(), ErrorCode::RateLimited);
         assert!(
             limiter
                 .check_login(IpAddr::from([10, 0, 0, 9]), "ann@example.com")
                 .await
+                .1
                 .is_err(),
             "the account is limited from any IP"
         );
         // The first IP has spent its 3 attempts: another account from it is refused too.
         assert!(
-            limiter.check_login(ip, "bob@example.com").await.is_err(),
+            limiter.check_login(ip, "bob@example.com").await.1.is_err(),
             "the IP is limited for any account"
         );
     }

@@ -8,6 +8,7 @@
 use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -70,7 +71,7 @@ pub async fn issue_token(
     State(state): State<AppState>,
     Extension(ClientIp(client)): Extension<ClientIp>,
     body: Valid<TokenRequest>,
-) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
+) -> Result<Response, Problem> {
     let request = body.value;
     if secrecy::ExposeSecret::expose_secret(&request.password).len() > MAX_PASSWORD_BYTES {
         return Err(Problem::validation(vec![FieldError {
@@ -80,10 +81,20 @@ pub async fn issue_token(
         }]));
     }
     // Before any password work, so a storm of attempts cannot burn CPU either.
-    state
-        .rate_limiter
-        .check_login(client, &request.email)
-        .await?;
+    let (limits, allowed) = state.rate_limiter.check_login(client, &request.email).await;
+    let mut response = match allowed {
+        Ok(()) => authenticate(&state, request).await.into_response(),
+        Err(refused) => refused.into_response(),
+    };
+    // The RateLimit headers show the login's own buckets too.
+    response.extensions_mut().insert(limits);
+    Ok(response)
+}
+
+async fn authenticate(
+    state: &AppState,
+    request: TokenRequest,
+) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
     // A malformed e-mail is treated exactly like an unknown one.
     let account = match Email::parse(&request.email) {
         Ok(email) => users::find_credentials(&state.db, &email).await?,
@@ -135,6 +146,6 @@ pub async fn login(
     state: State<AppState>,
     client: Extension<ClientIp>,
     body: Valid<TokenRequest>,
-) -> Result<(StatusCode, Json<TokenResponse>), Problem> {
+) -> Result<Response, Problem> {
     issue_token(state, client, body).await
 }

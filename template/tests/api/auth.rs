@@ -264,6 +264,18 @@ async fn repeated_login_attempts_are_limited_per_account_and_per_ip(db: PgPool) 
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
+    // The RateLimit headers name the login's buckets, and show which one is empty.
+    let header = |name: &str| limited.headers()[name].to_str().unwrap().to_owned();
+    let policy = header("ratelimit-policy");
+    assert!(
+        policy.contains("\"login_ip\";q=8;w=60") && policy.contains("\"login_account\";q=3;w=60"),
+        "{policy}"
+    );
+    assert!(
+        header("ratelimit").contains("\"login_account\";r=0;"),
+        "{}",
+        header("ratelimit")
+    );
     assert_eq!(
         limited.json::<Value>().await.unwrap()["code"],
         "rate_limited"
