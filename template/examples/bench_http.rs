@@ -30,6 +30,10 @@ use service::users::{self, Email, Role};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+/// The allocator the binary uses (`src/main.rs`), so that both sides are measured with it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PASSWORD: &str = "bench-password-123";
 /// Principals the load is spread over, so that per-principal rate limits (100 000 a minute at
 /// most) do not cap the full service's throughput.
