@@ -46,7 +46,7 @@ def sh(*args, **kwargs):
 
 def base_tarball():
     """Debian minbase for SUITE, made once and cached."""
-    tarball = CACHE / f"{SUITE}-minbase.tar"
+    tarball = CACHE / f"{SUITE}-minbase-v2.tar"
     if not tarball.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         if not shutil.which("debootstrap"):
@@ -57,8 +57,15 @@ def base_tarball():
         with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
             root = Path(scratch) / "root"
             sh("debootstrap", "--variant=minbase", SUITE, root, MIRROR, stdout=subprocess.DEVNULL)
-            # As Debian's official images ship: no package lists, no cached packages.
+            # As Debian's official images ship: no package lists, no cached packages, and apt
+            # told to keep none (their /etc/apt/apt.conf.d/docker-clean).
             sh("sh", "-c", f"rm -rf {root}/var/lib/apt/lists/* {root}/var/cache/apt/*")
+            (root / "etc/apt/apt.conf.d/docker-clean").write_text(
+                'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb '
+                '/var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };\n'
+                'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb '
+                '/var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };\n'
+                'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n')
             sh("tar", "-C", root, "-cf", f"{tarball}.part", ".")
         os.replace(f"{tarball}.part", tarball)
     return tarball
