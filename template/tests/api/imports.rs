@@ -887,6 +887,23 @@ async fn imported_every_row_once(
     );
 }
 
+/// Imports `mostly_bad_rows` laid out `together` or scattered, killing the worker twice, and
+/// checks the result against an uninterrupted import and against the file itself.
+async fn mostly_bad_rows_killed_twice(db: &PgPool, together: bool) -> Value {
+    let blocks = 600;
+    let (file, expected) = laid_out(&mostly_bad_rows(blocks), together);
+    let (done, errors) = killed_twice_and_compared(
+        db,
+        file,
+        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
+        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
+    )
+    .await;
+    assert_eq!(rows_together(db, &done).await, together);
+    imported_every_row_once(db, blocks, &done, &errors, &expected).await;
+    done
+}
+
 #[sqlx::test]
 async fn more_row_errors_than_a_batch_holds_are_each_recorded_once_when_rows_are_together(
     db: PgPool,
@@ -896,17 +913,7 @@ async fn more_row_errors_than_a_batch_holds_are_each_recorded_once_when_rows_are
     // a file being held in one transaction, in memory, with no progress committed. 37 200 rows,
     // 31 800 of them bad, in only 1 200 orders (fewer than a batch of orders): only the error
     // count closes batches. Killed once the first batch is in, then again after more.
-    let blocks = 600;
-    let (file, expected) = laid_out(&mostly_bad_rows(blocks), true);
-    let (done, errors) = killed_twice_and_compared(
-        &db,
-        file,
-        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
-        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
-    )
-    .await;
-    assert!(rows_together(&db, &done).await);
-    imported_every_row_once(&db, blocks, &done, &errors, &expected).await;
+    let done = mostly_bad_rows_killed_twice(&db, true).await;
     // Each committed batch held about BATCH_ERRORS errors at most (what bounds the worker's
     // memory): it closes at the end of the order (at most 20 rows here) during which its errors
     // reached the limit. The rows one transaction wrote share their `xmin`.
@@ -931,17 +938,7 @@ async fn more_row_errors_than_a_batch_holds_are_each_recorded_once_when_rows_are
     // Guards against: the same file with each order's rows scattered, staged 5 000 rows per
     // transaction with their errors, losing or doubling errors at a staging batch's edge or
     // across a crash there. Killed twice while staging.
-    let blocks = 600;
-    let (file, expected) = laid_out(&mostly_bad_rows(blocks), false);
-    let (done, errors) = killed_twice_and_compared(
-        &db,
-        file,
-        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
-        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
-    )
-    .await;
-    assert!(!rows_together(&db, &done).await);
-    imported_every_row_once(&db, blocks, &done, &errors, &expected).await;
+    mostly_bad_rows_killed_twice(&db, false).await;
 }
 
 #[sqlx::test]

@@ -17,6 +17,20 @@ fn redis_url() -> String {
     )
 }
 
+/// A "Redis" that accepts connections and never answers: the timeout, not a refusal, decides.
+/// Abort the task to close it.
+async fn silent_redis() -> (String, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    (url, held)
+}
+
 async fn get_orders(app: &TestApp, token: &str) -> reqwest::Response {
     app.call(Method::GET, "/v1/orders", token)
         .send()
@@ -213,15 +227,7 @@ async fn a_redis_bucket_is_shared_by_every_instance(db: PgPool) {
 
 #[sqlx::test]
 async fn with_redis_down_each_instance_falls_back_to_its_own_buckets(db: PgPool) {
-    // A Redis that accepts connections and never answers: the timeout, not a refusal, decides.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            open.push(socket);
-        }
-    });
+    let (silent_url, held) = silent_redis().await;
     let config = test_config(&[
         ("RATE_LIMIT_PER_MINUTE", "3"),
         ("REDIS_URL", &silent_url),
@@ -252,14 +258,7 @@ async fn with_redis_down_each_instance_falls_back_to_its_own_buckets(db: PgPool)
 
 #[sqlx::test]
 async fn a_hanging_redis_is_waited_on_until_its_circuit_opens(db: PgPool) {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_url = format!("redis://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            open.push(socket);
-        }
-    });
+    let (silent_url, held) = silent_redis().await;
     let timeout = std::time::Duration::from_millis(1000);
     let config = test_config(&[("REDIS_URL", &silent_url), ("REDIS_TIMEOUT_MS", "1000")]);
     let app = TestApp::spawn_with(db, config).await;
