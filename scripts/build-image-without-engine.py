@@ -14,9 +14,12 @@ non-root user. What it cannot prove: layer caching, and the exact contents of th
 (`rust:*-slim-*` is stood in for by Debian with gcc, libc6-dev and this machine's Rust toolchain,
 which must be the version the tag names).
 
-    build-image-without-engine.py SERVICE_DIR --database-url URL [--api-port P] [--admin-port P]
+    build-image-without-engine.py SERVICE_DIR --database-url URL
 
-Needs root (debootstrap, chroot, mount) and Debian's mirror.
+Needs root (debootstrap, chroot, mount), `unshare` and Debian's mirror. Everything it mounts is in
+a mount namespace of its own, so nothing stays mounted once it ends, however it ends. The image
+runs with its own ENV, so the ports its ENV names must be free here, and must be the ones it
+EXPOSEs.
 """
 
 import argparse
@@ -128,7 +131,6 @@ class Mounts:
                 sh("mount", "-t", "proc", "proc", target)
             else:
                 sh("mount", "--rbind", outside, target)
-                sh("mount", "--make-rslave", target)
             self.mounted.append(target)
         shutil.copy("/etc/resolv.conf", stage.root / "etc/resolv.conf")
 
@@ -172,7 +174,8 @@ def instructions(dockerfile):
     """(keyword, rest) per instruction: comments dropped, continuation lines joined."""
     joined = ""
     for line in dockerfile.read_text().splitlines():
-        if not joined and (not line.strip() or line.lstrip().startswith("#")):
+        # Docker drops comment lines, inside a continued instruction too, and blank lines.
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line.rstrip().endswith("\\"):
             joined += line.rstrip()[:-1] + " "
@@ -230,6 +233,8 @@ def build(service, work, mounts):
                 flag = args.pop(0)
                 if flag.startswith("--from="):
                     source_stage = stages[flag.removeprefix("--from=")]
+                else:
+                    sys.exit(f"COPY {flag} is not carried out by {__file__}")
             *sources, destination = args
             if source_stage:
                 copy(sources, destination, stage, source_stage.root, None)
@@ -267,16 +272,25 @@ def wait_ready(url, process, seconds=60):
     sys.exit(f"{url} did not answer within {seconds} s")
 
 
-def check_image(image, database_url, api_port, admin_port):
+def port_of(image, variable):
+    address = image.env.get(variable) or sys.exit(f"the image sets no {variable}")
+    port = address.rsplit(":", 1)[-1]
+    if port not in image.exposed:
+        sys.exit(f"{variable}={address}, but the image exposes {' '.join(image.exposed)}")
+    return port
+
+
+def check_image(image, database_url):
     if image.userspec().startswith("0:"):
         sys.exit("the final image runs as root")
     binary = image.root / image.entrypoint[0].lstrip("/")
     print(f"final image: user {image.userspec()}, {image.image} plus "
           f"{(disk_usage(image.root) - image.base_bytes) / 2**20:.0f} MiB "
           f"(the binary {binary.stat().st_size / 2**20:.0f} MiB), exposes {' '.join(image.exposed)}")
-    # As `docker run -e ...` would: the image's ENV, overridden by the deployment's.
-    env = {"DATABASE_URL": database_url, "APP_ENV": "development", "REDIS_URL": "",
-           "API_ADDR": f"127.0.0.1:{api_port}", "ADMIN_ADDR": f"127.0.0.1:{admin_port}"}
+    api_port, admin_port = port_of(image, "API_ADDR"), port_of(image, "ADMIN_ADDR")
+    # As `docker run -e ...` would: the image's ENV (its addresses included), and the deployment's
+    # database.
+    env = {"DATABASE_URL": database_url, "APP_ENV": "development", "REDIS_URL": ""}
     image.run(image.entrypoint + ["migrate"], env=env)
     service = image.run(image.entrypoint + image.cmd, env=env, wait=False)
     try:
@@ -300,18 +314,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("service", type=Path)
     parser.add_argument("--database-url", required=True)
-    parser.add_argument("--api-port", type=int, default=18280)
-    parser.add_argument("--admin-port", type=int, default=19280)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root: debootstrap, chroot and mount")
+    if os.environ.get("IMAGE_BUILD_NAMESPACE") != "private":
+        # Again, in a mount namespace of its own: the mounts (the host's /dev and toolchain among
+        # them) end with it even if it is killed, and never outlive it under /tmp.
+        os.environ["IMAGE_BUILD_NAMESPACE"] = "private"
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private",
+                              sys.executable, *sys.argv])
+    # A SIGTERM ends the run through `finally`, like an error.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     mounts = Mounts()
     work = Path(tempfile.mkdtemp(prefix="image-build."))
     try:
         image = build(args.service.resolve(), work, mounts)
-        check_image(image, args.database_url, args.api_port, args.admin_port)
+        check_image(image, args.database_url)
     finally:
         mounts.release()
+        still_mounted = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                         if line.split()[1].startswith(str(work))]
+        if still_mounted:
+            sys.exit(f"left {work} in place: still mounted: {still_mounted}")
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -109,8 +109,7 @@ step "Dockerfile: every stage built and the image run, as its non-root user, wit
 # No Docker engine or image registry here: the script carries out the Dockerfile's instructions in
 # Debian root filesystems (debootstrap) and runs the result against this Postgres. The generated
 # service's own CI builds the image with Docker.
-python3 "$root/scripts/build-image-without-engine.py" "$service" --database-url "$DATABASE_URL" \
-  --api-port 18280 --admin-port 19280
+python3 "$root/scripts/build-image-without-engine.py" "$service" --database-url "$DATABASE_URL"
 
 step "promtool check rules (the alert rules the service ships)"
 promtool check rules deploy/prometheus/alerts.yml

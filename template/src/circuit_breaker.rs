@@ -104,7 +104,9 @@ mod tests {
 
     #[test]
     fn the_breaker_opens_after_the_threshold_and_lets_one_trial_through() {
-        let breaker = CircuitBreaker::new("test_circuit_open", 2, Duration::from_millis(50));
+        // Cooldowns long enough that a busy machine's scheduling cannot end one between two
+        // lines of this test.
+        let breaker = CircuitBreaker::new("test_circuit_open", 2, Duration::from_millis(500));
         breaker.record(false);
         assert!(
             breaker.allow().is_ok(),
@@ -112,7 +114,7 @@ mod tests {
         );
         breaker.record(false);
         assert!(matches!(breaker.allow(), Err(Open { failures: 2, .. })));
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         assert!(breaker.allow().is_ok(), "the trial after the cooldown");
         assert!(breaker.allow().is_err(), "only one trial at a time");
         breaker.release_trial();
@@ -122,7 +124,7 @@ mod tests {
         );
         breaker.record(false);
         assert!(breaker.allow().is_err(), "a failed trial opens it again");
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         assert!(breaker.allow().is_ok());
         breaker.record(true);
         assert!(breaker.allow().is_ok(), "a good trial closes it");

@@ -9,8 +9,8 @@
 //!   `Idempotent-Replayed: true`, even if the resource has changed since;
 //! - same key, different request (method, path, body) → 422 `idempotency_key_reused`;
 //! - same key while the first is still running → 409 `idempotency_key_in_use` with `Retry-After`;
-//! - rejections before the handler (401, 403, 413, 415, 422 validation, 428) and 5xx are not
-//!   stored: the client may retry them with the same key;
+//! - rejections before the handler (401, 403, 413, 415, 422 validation), a missing or stale
+//!   `If-Match` (428, 412), 429 and 5xx are not stored: the client may retry with the same key;
 //! - keys are scoped per principal, kept `IDEMPOTENCY_RETENTION_HOURS` (≥ 24), then purged by the
 //!   worker ([`purge_expired`]).
 
@@ -148,12 +148,14 @@ enum Stored {
 /// Which handler outcomes are stored and replayed: successes and the client errors the handler
 /// decided on. Server errors are not (the client should retry them), nor is a 429 (it says "later",
 /// not "never"), nor a missing `If-Match` (428), which rejects the request's form like validation
-/// does.
+/// does, nor a stale one (412): it changed nothing, and the client's next step, re-reading and
+/// retrying with the new ETag, is the same request by the fingerprint and must run.
 fn is_replayable(problem: &Problem) -> bool {
     let status = problem.code().status();
     !status.is_server_error()
         && status != StatusCode::TOO_MANY_REQUESTS
         && problem.code() != ErrorCode::PreconditionRequired
+        && problem.code() != ErrorCode::PreconditionFailed
 }
 
 fn header_pairs(headers: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> {

@@ -95,8 +95,9 @@ pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> 
         });
     }
     match parsed {
-        // serde stops at the first value of the wrong type, so a body with several is reported
-        // one at a time; every rule and unknown field before it is still listed.
+        // serde stops at the first value of the wrong type or missing field, so those come one
+        // per response, with the unknown fields read before it; the rules need the typed value
+        // and wait until the shape is right.
         Err(error) => {
             let mut pointer = typed_pointer(error.path());
             let message = error.into_inner().to_string();

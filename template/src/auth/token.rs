@@ -25,8 +25,9 @@ const ISSUER: &str = env!("CARGO_PKG_NAME");
 const AUDIENCE: &str = env!("CARGO_PKG_NAME");
 /// Seconds of clock skew allowed on `exp`.
 const LEEWAY: u64 = 5;
-/// Verified tokens remembered at most; at this many the memory is emptied and refilled, so it
-/// stays bounded whatever clients send (a few MiB: a token is about 300 bytes).
+/// Verified tokens remembered at most; at this many the expired ones are dropped, and if that is
+/// not enough the memory is emptied and refills, so it stays bounded whatever clients send (a few
+/// MiB: a token is about 300 bytes).
 const VERIFIED_CAPACITY: usize = 10_000;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -112,7 +113,11 @@ impl TokenKeys {
             role: claims.role,
         };
         if self.verified.len() >= VERIFIED_CAPACITY {
-            self.verified.clear();
+            self.verified
+                .retain(|_, (_, valid_until)| *valid_until >= now);
+            if self.verified.len() >= VERIFIED_CAPACITY {
+                self.verified.clear();
+            }
         }
         self.verified
             .insert(token.into(), (principal, claims.exp.saturating_add(LEEWAY)));

@@ -103,7 +103,13 @@ async fn a_statement_over_the_timeout_is_cancelled_and_becomes_a_503_timeout(db:
     assert_eq!(problem.code(), service::problem::ErrorCode::Timeout);
 
     // Over HTTP: an edit that waits behind another transaction's lock on the order is cancelled
-    // at the timeout and answers 503 `timeout`, instead of holding its connection.
+    // at the timeout and answers 503 `timeout`, instead of holding its connection. (A longer
+    // timeout here, so that no set-up statement on a busy machine runs into it.)
+    let config = test_config(&[
+        ("DATABASE_URL", &crate::harness::url_of(&db)),
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "1000"),
+    ]);
+    let pool = db::pool(&config.database).unwrap();
     let app = TestApp::spawn_with(pool, config).await;
     let (_, token) = app.token_for(Role::Customer).await;
     let (order, etag) = crate::orders::create(&app, &token).await;

@@ -337,7 +337,7 @@ async fn expired_keys_are_purged_and_fresh_ones_kept(db: PgPool) {
 }
 
 #[sqlx::test]
-async fn a_stored_412_replays_with_its_etag_whatever_if_match_the_retry_sends(db: PgPool) {
+async fn a_412_is_not_stored_so_the_corrected_retry_with_the_same_key_applies(db: PgPool) {
     let app = TestApp::spawn(db).await;
     let (_, token) = app.token_for(Role::Customer).await;
     let (order, etag) = create(&app, &token).await;
@@ -351,20 +351,24 @@ async fn a_stored_412_replays_with_its_etag_whatever_if_match_the_retry_sends(db
     };
     let stale = patch("\"v0\"").await.unwrap();
     assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
-    let replayed = patch("\"v0\"").await.unwrap();
-    assert_eq!(replayed.status(), StatusCode::PRECONDITION_FAILED);
-    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
     assert_eq!(
-        replayed.headers()["etag"],
+        stale.headers()["etag"],
         etag.as_str(),
-        "the stored problem keeps its headers"
+        "the current version"
     );
+    let again = patch("\"v0\"").await.unwrap();
+    assert_eq!(again.status(), StatusCode::PRECONDITION_FAILED);
+    assert!(again.headers().get("idempotent-replayed").is_none());
 
-    // Same key, corrected If-Match: the same request by the contract's fingerprint (method,
-    // path, body), so the stored 412 again; applying the change takes a new key.
+    // The client re-reads and retries with the same key and the current ETag: it runs.
     let corrected = patch(&etag).await.unwrap();
-    assert_eq!(corrected.status(), StatusCode::PRECONDITION_FAILED);
-    assert_eq!(corrected.headers()["idempotent-replayed"], "true");
+    assert_eq!(corrected.status(), StatusCode::OK);
+    assert!(corrected.headers().get("idempotent-replayed").is_none());
+    assert_eq!(corrected.json::<Value>().await.unwrap()["note"], "x");
+    // From now on the key holds that success, whatever If-Match a retry sends.
+    let replayed = patch(&etag).await.unwrap();
+    assert_eq!(replayed.status(), StatusCode::OK);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
 }
 
 #[sqlx::test]

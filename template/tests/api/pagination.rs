@@ -235,6 +235,17 @@ async fn every_list_query_reads_an_index_in_its_order(db: PgPool) {
     seed(&app, &other, 50, 1).await;
     seed(&app, &customer, 3, 1).await;
     seed(&app, &other, 50, 1).await;
+    // Statuses mixed, so that a status filter is worth an index of its own to the planner.
+    sqlx::query(
+        "UPDATE orders SET status = 'submitted' \
+         WHERE id IN (SELECT id FROM orders WHERE owner_id = $1 ORDER BY id LIMIT 1) \
+            OR id IN (SELECT id FROM orders WHERE owner_id = $2 ORDER BY id LIMIT 60)",
+    )
+    .bind(customer.id)
+    .bind(other.id)
+    .execute(&app.db)
+    .await
+    .unwrap();
     sqlx::query("ANALYZE").execute(&app.db).await.unwrap();
     let csv = "external_ref,currency,sku,quantity,unit_price_cents\nPO-1,EUR,A,1,100\n";
     let import: Value = app
