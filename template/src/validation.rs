@@ -5,7 +5,8 @@
 //! one 422, each located by a JSON Pointer:
 //! 1. fields the request type does not have (read-only ones such as `status` are named as such),
 //!    collected by `serde_ignored` instead of failing on the first;
-//! 2. the shape and types (`serde_path_to_error` gives the pointer of a type error);
+//! 2. the shape and types (`serde_path_to_error` gives the pointer of a type error or missing
+//!    field; the value is replaced by a stand-in and the body read again, to find the next);
 //! 3. the rules declared with `validator`, whose custom checks call the domain newtypes' own
 //!    parsers, so each rule is written once.
 
@@ -73,63 +74,149 @@ pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> 
             message: Cow::Borrowed("the body must be a JSON object"),
         }]));
     }
-    let mut errors = Vec::new();
-    let mut unknown = Vec::new();
-    let mut on_unknown = |path: serde_ignored::Path| unknown.push(ignored_pointer(&path));
-    let parsed: Result<T, _> =
-        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(body, &mut on_unknown));
-    for (pointer, name) in unknown {
-        let read_only = READ_ONLY_FIELDS.contains(&name.as_str());
-        errors.push(FieldError {
-            pointer,
-            code: Cow::Borrowed(if read_only {
-                "read_only"
-            } else {
-                "unknown_field"
-            }),
-            message: Cow::Borrowed(if read_only {
-                "is set by the service and cannot be written"
-            } else {
-                "is not a field of this request"
-            }),
-        });
-    }
-    match parsed {
-        // serde stops at the first value of the wrong type or missing field, so those come one
-        // per response, with the unknown fields read before it; the rules need the typed value
-        // and wait until the shape is right.
-        Err(error) => {
-            let mut pointer = typed_pointer(error.path());
-            let message = error.into_inner().to_string();
-            errors.push(match missing_field(&message) {
-                // serde locates a missing field at its parent object: point at the field itself.
-                Some(field) => {
-                    pointer.push('/');
-                    pointer.push_str(&escape(field));
-                    FieldError {
-                        pointer,
+    let mut body = body;
+    let mut errors: Vec<FieldError> = Vec::new();
+    // Where a stand-in value replaced what the client sent (or did not send), and which one.
+    let mut stand_ins: Vec<(String, usize)> = Vec::new();
+    let mut value = None;
+    // serde stops at the first missing field or value of the wrong type. To report them all,
+    // each is recorded and replaced by a stand-in of some JSON type, and the body is read again:
+    // a bounded number of times, since every attempt reads the whole body.
+    for _ in 0..MAX_ATTEMPTS {
+        let mut unknown = Vec::new();
+        let mut on_unknown = |path: serde_ignored::Path| unknown.push(ignored_pointer(&path));
+        let parsed: Result<T, _> = serde_path_to_error::deserialize(
+            serde_ignored::Deserializer::new(body.clone(), &mut on_unknown),
+        );
+        for (pointer, name) in unknown {
+            if !errors.iter().any(|error| error.pointer == pointer) {
+                errors.push(unknown_field(pointer, &name));
+            }
+        }
+        let error = match parsed {
+            Ok(parsed) => {
+                value = Some(parsed);
+                break;
+            }
+            Err(error) => error,
+        };
+        let mut pointer = typed_pointer(error.path());
+        let message = error.into_inner().to_string();
+        let missing = missing_field(&message).map(str::to_owned);
+        if let Some(field) = &missing {
+            // serde locates a missing field at its parent object: point at the field itself.
+            pointer.push('/');
+            pointer.push_str(&escape(field));
+        }
+        let tried = match stand_ins.iter_mut().find(|(at, _)| *at == pointer) {
+            Some((_, tried)) => {
+                *tried += 1;
+                *tried
+            }
+            None => {
+                errors.push(match missing {
+                    Some(_) => FieldError {
+                        pointer: pointer.clone(),
                         code: Cow::Borrowed("required"),
                         message: Cow::Borrowed("is required"),
-                    }
-                }
-                None => FieldError {
-                    pointer,
-                    code: Cow::Borrowed("invalid_type"),
-                    message: Cow::Owned(crate::extract::bounded(message)),
-                },
-            });
+                    },
+                    None => FieldError {
+                        pointer: pointer.clone(),
+                        code: Cow::Borrowed("invalid_type"),
+                        message: Cow::Owned(crate::extract::bounded(message)),
+                    },
+                });
+                stand_ins.push((pointer.clone(), 0));
+                0
+            }
+        };
+        let Some(stand_in) = STAND_INS.get(tried) else {
+            break;
+        };
+        if !put(&mut body, &pointer, missing.as_deref(), stand_in()) {
+            break;
         }
-        Ok(value) => {
+    }
+    match value {
+        Some(value) => {
             if let Err(invalid) = value.validate() {
-                collect(&invalid, "", &mut errors);
+                let mut rules = Vec::new();
+                collect(&invalid, "", &mut rules);
+                // A stand-in's own rule failures say nothing about what the client sent.
+                rules.retain(|rule| {
+                    !stand_ins.iter().any(|(at, _)| {
+                        rule.pointer == *at || rule.pointer.starts_with(&format!("{at}/"))
+                    })
+                });
+                errors.extend(rules);
             }
             if errors.is_empty() {
                 return Ok(value);
             }
         }
+        None if errors.is_empty() => {
+            return Err(Problem::validation(vec![FieldError {
+                pointer: String::new(),
+                code: Cow::Borrowed("invalid_type"),
+                message: Cow::Borrowed("the body does not have the request's shape"),
+            }]));
+        }
+        None => {}
     }
     errors.sort_by(|a, b| a.pointer.cmp(&b.pointer));
     Err(Problem::validation(errors))
+}
+
+/// How many times a body with shape errors is read again; each reading finds one more.
+const MAX_ATTEMPTS: usize = 24;
+
+/// Values of each JSON type, tried in turn where the client's value did not fit.
+const STAND_INS: &[fn() -> Value] = &[
+    || Value::String(String::new()),
+    || Value::from(0),
+    || Value::Bool(false),
+    || Value::Array(Vec::new()),
+    || Value::Object(serde_json::Map::new()),
+];
+
+/// Puts `stand_in` at `pointer` (its parent's `field` when the field was missing).
+fn put(body: &mut Value, pointer: &str, missing: Option<&str>, stand_in: Value) -> bool {
+    match missing {
+        Some(field) => {
+            let parent = &pointer[..pointer.len() - escape(field).len() - 1];
+            match body.pointer_mut(parent).and_then(Value::as_object_mut) {
+                Some(object) => {
+                    object.insert(field.to_owned(), stand_in);
+                    true
+                }
+                None => false,
+            }
+        }
+        None => match body.pointer_mut(pointer) {
+            Some(slot) => {
+                *slot = stand_in;
+                true
+            }
+            None => false,
+        },
+    }
+}
+
+fn unknown_field(pointer: String, name: &str) -> FieldError {
+    let read_only = READ_ONLY_FIELDS.contains(&name);
+    FieldError {
+        pointer,
+        code: Cow::Borrowed(if read_only {
+            "read_only"
+        } else {
+            "unknown_field"
+        }),
+        message: Cow::Borrowed(if read_only {
+            "is set by the service and cannot be written"
+        } else {
+            "is not a field of this request"
+        }),
+    }
 }
 
 /// Flattens validator's nested errors into one entry per failing field.
@@ -295,6 +382,24 @@ mod tests {
         assert_eq!(pointers(problem), ["/lines/1/quantity required"]);
         let problem = parse::<Body>(json!({"lines": []})).unwrap_err();
         assert_eq!(pointers(problem), ["/name required"]);
+    }
+
+    #[test]
+    fn every_missing_field_and_wrong_type_is_reported_with_the_rules_of_the_rest() {
+        let body = json!({"lines": [{"quantity": "two"}, {}, {"quantity": 0}], "id": 1});
+        let problem = parse::<Body>(body).unwrap_err();
+        assert_eq!(
+            pointers(problem),
+            [
+                "/id read_only",
+                "/lines/0/quantity invalid_type",
+                "/lines/1/quantity required",
+                "/lines/2/quantity range",
+                "/name required",
+            ]
+        );
+        let problem = parse::<Body>(json!({})).unwrap_err();
+        assert_eq!(pointers(problem), ["/lines required", "/name required"]);
     }
 
     #[test]

@@ -153,10 +153,40 @@ async fn every_invalid_field_is_reported_at_once_with_a_json_pointer(db: PgPool)
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
 
-    let wrong_type = app.call(Method::POST, "/v1/orders", &token).header("idempotency-key", "k4").json(&json!({"currency": "EUR", "items": [{"sku": "A", "quantity": "two", "unit_price_cents": 1}]})).send().await.unwrap();
-    let problem: Value = wrong_type.json().await.unwrap();
-    assert_eq!(problem["errors"][0]["pointer"], "/items/0/quantity");
-    assert_eq!(problem["errors"][0]["code"], "invalid_type");
+    // Values of the wrong type and missing fields too, beside the rules the rest breaks.
+    let wrong_shape = app
+        .call(Method::POST, "/v1/orders", &token)
+        .header("idempotency-key", "k4")
+        .json(&json!({"currency": "eur", "items": [
+            {"sku": "A", "quantity": "two", "unit_price_cents": 1},
+            {"quantity": 1, "unit_price_cents": 1},
+            {"sku": "B", "quantity": 1, "unit_price_cents": -5}
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    let problem: Value = wrong_shape.json().await.unwrap();
+    let found: Vec<String> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| {
+            format!(
+                "{} {}",
+                error["pointer"].as_str().unwrap(),
+                error["code"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "/currency currency",
+            "/items/0/quantity invalid_type",
+            "/items/1/sku required",
+            "/items/2/unit_price_cents range",
+        ]
+    );
 }
 
 #[sqlx::test]
