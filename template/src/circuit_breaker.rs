@@ -26,6 +26,14 @@ struct State {
     open_until: Option<Instant>,
 }
 
+/// What [`CircuitBreaker::allow`] let through: a call on a closed circuit, or the one trial
+/// call of a half-open one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    Closed,
+    Trial,
+}
+
 /// The circuit is open: the call was not made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the circuit is open after {failures} failures in a row")]
@@ -53,7 +61,7 @@ impl CircuitBreaker {
     }
 
     /// Whether a call may be made now. Call [`record`](Self::record) with its outcome after.
-    pub fn allow(&self) -> Result<(), Open> {
+    pub fn allow(&self) -> Result<Permit, Open> {
         let mut state = self.state();
         match state.open_until {
             Some(until) if Instant::now() < until => Err(Open {
@@ -63,16 +71,17 @@ impl CircuitBreaker {
             Some(_) => {
                 // Half-open: this call is the trial; until it ends, others are refused.
                 state.open_until = Some(Instant::now() + self.cooldown);
-                Ok(())
+                Ok(Permit::Trial)
             }
-            None => Ok(()),
+            None => Ok(Permit::Closed),
         }
     }
 
-    /// Ends a half-open trial without a verdict: the next call is the trial again.
-    pub fn release_trial(&self) {
+    /// Ends a call without a verdict on the dependency. If it was the trial, the next call is
+    /// the trial again; any other call leaves the circuit as it is.
+    pub fn release(&self, permit: Permit) {
         let mut state = self.state();
-        if state.open_until.is_some() {
+        if permit == Permit::Trial && state.open_until.is_some() {
             state.open_until = Some(Instant::now());
         }
     }
@@ -115,11 +124,21 @@ mod tests {
         breaker.record(false);
         assert!(matches!(breaker.allow(), Err(Open { failures: 2, .. })));
         std::thread::sleep(Duration::from_millis(600));
-        assert!(breaker.allow().is_ok(), "the trial after the cooldown");
+        assert_eq!(
+            breaker.allow(),
+            Ok(Permit::Trial),
+            "the trial after the cooldown"
+        );
         assert!(breaker.allow().is_err(), "only one trial at a time");
-        breaker.release_trial();
+        breaker.release(Permit::Closed);
         assert!(
-            breaker.allow().is_ok(),
+            breaker.allow().is_err(),
+            "a call that was not the trial gives nothing back"
+        );
+        breaker.release(Permit::Trial);
+        assert_eq!(
+            breaker.allow(),
+            Ok(Permit::Trial),
             "a trial given back is the next call's"
         );
         breaker.record(false);

@@ -137,13 +137,16 @@ impl Webhook {
                 "{ip} is not a public address"
             )));
         }
-        if let Err(open) = self.breaker.allow() {
-            metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
-            return Err(DeliveryError::CircuitOpen {
-                failures: open.failures,
-                retry_in: open.retry_in,
-            });
-        }
+        let permit = match self.breaker.allow() {
+            Ok(permit) => permit,
+            Err(open) => {
+                metrics::counter!(DELIVERIES, "outcome" => "short_circuited").increment(1);
+                return Err(DeliveryError::CircuitOpen {
+                    failures: open.failures,
+                    retry_in: open.retry_in,
+                });
+            }
+        };
         let event = WireEvent {
             type_: "import.finished",
             id: format!("import-{}", notification.import_id),
@@ -178,7 +181,7 @@ impl Webhook {
             Err(error) => match refusal(&error) {
                 Some(host) => {
                     metrics::counter!(DELIVERIES, "outcome" => "forbidden").increment(1);
-                    self.breaker.release_trial();
+                    self.breaker.release(permit);
                     return Err(DeliveryError::NoPublicAddress(host));
                 }
                 None => Err(DeliveryError::Transport(error.without_url())),
