@@ -14,6 +14,22 @@ pub fn order_body() -> Value {
 }
 
 /// Creates an order with a fresh idempotency key; returns its JSON and ETag.
+/// A 422's errors as "pointer code" lines, in order.
+fn pointers_and_codes(problem: &Value) -> Vec<String> {
+    problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| {
+            format!(
+                "{} {}",
+                error["pointer"].as_str().unwrap(),
+                error["code"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 pub async fn create(app: &TestApp, token: &str) -> (Value, String) {
     let response = app
         .call(Method::POST, "/v1/orders", token)
@@ -103,18 +119,7 @@ async fn every_invalid_field_is_reported_at_once_with_a_json_pointer(db: PgPool)
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["code"], "validation_failed");
-    let found: Vec<String> = problem["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|error| {
-            format!(
-                "{} {}",
-                error["pointer"].as_str().unwrap(),
-                error["code"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let found = pointers_and_codes(&problem);
     assert_eq!(
         found,
         [
@@ -166,18 +171,7 @@ async fn every_invalid_field_is_reported_at_once_with_a_json_pointer(db: PgPool)
         .await
         .unwrap();
     let problem: Value = wrong_shape.json().await.unwrap();
-    let found: Vec<String> = problem["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|error| {
-            format!(
-                "{} {}",
-                error["pointer"].as_str().unwrap(),
-                error["code"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let found = pointers_and_codes(&problem);
     assert_eq!(
         found,
         [
