@@ -104,6 +104,11 @@ impl Outcome {
         })
     }
 
+    /// The body as it will be sent and stored, e.g. for an ETag of the representation.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
     pub fn header(mut self, name: HeaderName, value: &str) -> Result<Self, Problem> {
         self.headers.push((
             name,

@@ -100,14 +100,14 @@ pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> 
             }
             Err(error) => error,
         };
-        let mut pointer = typed_pointer(error.path());
+        let at = typed_pointer(error.path());
         let message = error.into_inner().to_string();
         let missing = missing_field(&message).map(str::to_owned);
-        if let Some(field) = &missing {
-            // serde locates a missing field at its parent object: point at the field itself.
-            pointer.push('/');
-            pointer.push_str(&escape(field));
-        }
+        // serde locates a missing field at its parent object: point at the field itself.
+        let pointer = match &missing {
+            Some(field) => format!("{at}/{}", escape(field)),
+            None => at.clone(),
+        };
         let tried = match stand_ins.iter_mut().find(|(at, _)| *at == pointer) {
             Some((_, tried)) => {
                 *tried += 1;
@@ -133,35 +133,37 @@ pub fn parse<T: DeserializeOwned + Validate>(body: Value) -> Result<T, Problem> 
         let Some(stand_in) = STAND_INS.get(tried) else {
             break;
         };
-        if !put(&mut body, &pointer, missing.as_deref(), stand_in()) {
+        let slot = match &missing {
+            Some(field) => body
+                .pointer_mut(&at)
+                .and_then(Value::as_object_mut)
+                .map(|parent| parent.entry(field.as_str()).or_insert(Value::Null)),
+            None => body.pointer_mut(&at),
+        };
+        let Some(slot) = slot else {
             break;
-        }
+        };
+        *slot = stand_in();
     }
-    match value {
-        Some(value) => {
-            if let Err(invalid) = value.validate() {
-                let mut rules = Vec::new();
-                collect(&invalid, "", &mut rules);
-                // A stand-in's own rule failures say nothing about what the client sent.
-                rules.retain(|rule| {
-                    !stand_ins.iter().any(|(at, _)| {
-                        rule.pointer == *at || rule.pointer.starts_with(&format!("{at}/"))
-                    })
-                });
-                errors.extend(rules);
-            }
-            if errors.is_empty() {
-                return Ok(value);
-            }
+    // Without a value, every reading that failed recorded an error (or tried another stand-in
+    // for one): `errors` is not empty.
+    if let Some(value) = value {
+        if let Err(invalid) = value.validate() {
+            let mut rules = Vec::new();
+            collect(&invalid, "", &mut rules);
+            // A stand-in's own rule failures say nothing about what the client sent.
+            rules.retain(|rule| {
+                !stand_ins.iter().any(|(at, _)| {
+                    rule.pointer
+                        .strip_prefix(at.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                })
+            });
+            errors.extend(rules);
         }
-        None if errors.is_empty() => {
-            return Err(Problem::validation(vec![FieldError {
-                pointer: String::new(),
-                code: Cow::Borrowed("invalid_type"),
-                message: Cow::Borrowed("the body does not have the request's shape"),
-            }]));
+        if errors.is_empty() {
+            return Ok(value);
         }
-        None => {}
     }
     errors.sort_by(|a, b| a.pointer.cmp(&b.pointer));
     Err(Problem::validation(errors))
@@ -178,29 +180,6 @@ const STAND_INS: &[fn() -> Value] = &[
     || Value::Array(Vec::new()),
     || Value::Object(serde_json::Map::new()),
 ];
-
-/// Puts `stand_in` at `pointer` (its parent's `field` when the field was missing).
-fn put(body: &mut Value, pointer: &str, missing: Option<&str>, stand_in: Value) -> bool {
-    match missing {
-        Some(field) => {
-            let parent = &pointer[..pointer.len() - escape(field).len() - 1];
-            match body.pointer_mut(parent).and_then(Value::as_object_mut) {
-                Some(object) => {
-                    object.insert(field.to_owned(), stand_in);
-                    true
-                }
-                None => false,
-            }
-        }
-        None => match body.pointer_mut(pointer) {
-            Some(slot) => {
-                *slot = stand_in;
-                true
-            }
-            None => false,
-        },
-    }
-}
 
 fn unknown_field(pointer: String, name: &str) -> FieldError {
     let read_only = READ_ONLY_FIELDS.contains(&name);

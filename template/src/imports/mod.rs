@@ -245,9 +245,9 @@ pub async fn create_import(
                 .await
                 .map_err(Problem::internal)?;
             created = true;
-            let view = ImportView::from(import);
-            let etag = conditional::etag_of(&serde_json::to_vec(&view).map_err(Problem::internal)?);
-            Outcome::json(StatusCode::ACCEPTED, &view)?
+            let outcome = Outcome::json(StatusCode::ACCEPTED, &ImportView::from(import))?;
+            let etag = conditional::etag_of(outcome.body());
+            outcome
                 .header(header::LOCATION, &format!("/v1/imports/{id}"))?
                 .header(header::ETAG, &etag)
         })

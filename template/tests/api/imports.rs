@@ -709,6 +709,16 @@ async fn same_as_an_uninterrupted_import(
     errors
 }
 
+/// When to kill a worker first: once it has committed a batch.
+fn some_rows_committed(import: &Value) -> bool {
+    import["processed_rows"].as_i64().is_some_and(|n| n > 0)
+}
+
+/// When to kill the next worker: once it has committed more than the first had.
+fn more_rows_committed(first: &Value, import: &Value) -> bool {
+    import["processed_rows"].as_i64() > first["processed_rows"].as_i64()
+}
+
 /// Whether the worker took the file's rows as they came (`true`) or staged and sorted them.
 async fn rows_together(db: &PgPool, import: &Value) -> bool {
     sqlx::query_scalar("SELECT rows_together FROM imports WHERE id = $1::uuid")
@@ -727,8 +737,8 @@ async fn a_worker_killed_mid_import_loses_and_duplicates_nothing(db: PgPool) {
     let (done, _) = killed_twice_and_compared(
         &db,
         mixed_csv(20_000, true),
-        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
-        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
+        some_rows_committed,
+        more_rows_committed,
     )
     .await;
     assert!(rows_together(&db, &done).await);
@@ -741,7 +751,7 @@ async fn a_worker_killed_mid_staging_and_mid_grouping_loses_and_duplicates_nothi
     let (done, _) = killed_twice_and_compared(
         &db,
         mixed_csv(20_000, false),
-        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
+        some_rows_committed,
         |first, i| i["imported_orders"].as_i64() > first["imported_orders"].as_i64(),
     )
     .await;
@@ -892,13 +902,8 @@ async fn imported_every_row_once(
 async fn mostly_bad_rows_killed_twice(db: &PgPool, together: bool) -> Value {
     let blocks = 600;
     let (file, expected) = laid_out(&mostly_bad_rows(blocks), together);
-    let (done, errors) = killed_twice_and_compared(
-        db,
-        file,
-        |i| i["processed_rows"].as_i64().is_some_and(|n| n > 0),
-        |first, i| i["processed_rows"].as_i64() > first["processed_rows"].as_i64(),
-    )
-    .await;
+    let (done, errors) =
+        killed_twice_and_compared(db, file, some_rows_committed, more_rows_committed).await;
     assert_eq!(rows_together(db, &done).await, together);
     imported_every_row_once(db, blocks, &done, &errors, &expected).await;
     done
