@@ -106,6 +106,9 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .option_layer(security_headers::hsts(http))
             .option_layer(security_headers::cors(http))
             .layer(axum::middleware::from_fn(problem::render))
+            // A panic in one of the layers below becomes a 500 problem here. A handler's panic is
+            // caught innermost (the last layer), so its 500 still passes every layer on the way
+            // out and carries the RateLimit and Deprecation headers like any other answer.
             .layer(CatchPanicLayer::custom(problem::from_panic))
             .layer(axum::middleware::from_fn_with_state(
                 state.trusted_proxies.clone(),
@@ -139,7 +142,8 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .layer(RequestBodyLimitLayer::new(
                 http.max_body_bytes.max(state.imports.max_bytes),
             ))
-            .layer(DefaultBodyLimit::max(http.max_body_bytes)),
+            .layer(DefaultBodyLimit::max(http.max_body_bytes))
+            .layer(CatchPanicLayer::custom(problem::from_panic)),
     )
 }
 

@@ -489,7 +489,7 @@ async fn recording_endpoint() -> (String, Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
 }
 
 #[sqlx::test]
-async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool) {
+async fn internal_errors_are_logged_and_reach_sentry_under_the_request_id(db: PgPool) {
     let (addr, received) = recording_endpoint().await;
     let dsn = format!("http://public@{addr}/1");
     create_customer(&db, "reported@example.com").await;
@@ -498,7 +498,6 @@ async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool
         api,
         mut logs,
     } = serve(&db, &[("SENTRY_DSN", &dsn)]).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
     let token = login(&api, "reported@example.com").await;
 
     // A bug in production: the schema no longer matches the code.
@@ -519,6 +518,16 @@ async fn internal_errors_reach_sentry_with_the_request_id_and_release(db: PgPool
         !body.contains("note"),
         "the client sees nothing internal: {body}"
     );
+    // The cause goes to the log instead, under the request's id.
+    let logged = next_log_line(&mut logs, |line| line["message"] == "request failed").await;
+    assert_eq!(logged["span"]["request_id"], "sentry-check-1", "{logged}");
+    assert!(
+        logged["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("note")),
+        "the cause is logged: {logged}"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
 
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let event = loop {

@@ -137,7 +137,7 @@ async fn test_routes_with(http: HttpConfig) -> (String, reqwest::Client) {
             "/widgets/{id}",
             get(|Path(id): Path<Uuid>| async move { id.to_string() }),
         )
-        .route("/panic", get(panics))
+        .route("/v1/panic", get(panics))
         .route("/layer/{status}", get(layer_answers))
         .route("/sleep/{millis}", get(sleeps))
         .route("/livez", get(|| async { "alive" }));
@@ -245,7 +245,16 @@ async fn a_body_over_the_limit_is_a_413_problem() {
 #[tokio::test]
 async fn a_panic_is_a_generic_500_problem() {
     let (base, client) = test_routes(1024).await;
-    let response = client.get(format!("{base}/panic")).send().await.unwrap();
+    let response = client.get(format!("{base}/v1/panic")).send().await.unwrap();
+    // It passed every layer on its way out, like any other answer.
+    for name in [
+        "ratelimit",
+        "ratelimit-policy",
+        "x-request-id",
+        "x-content-type-options",
+    ] {
+        assert!(response.headers().contains_key(name), "{name} is missing");
+    }
     let body = problem(
         response,
         StatusCode::INTERNAL_SERVER_ERROR,
