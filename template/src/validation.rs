@@ -7,6 +7,7 @@
 //!    collected by `serde_ignored` instead of failing on the first;
 //! 2. the shape and types (`serde_path_to_error` gives the pointer of a type error or missing
 //!    field; the value is replaced by a stand-in and the body read again, to find the next);
+//!    integer fields read through [`whole_number`], so `2.0` is the integer the document says it is;
 //! 3. the rules declared with `validator`, whose custom checks call the domain newtypes' own
 //!    parsers, so each rule is written once.
 
@@ -276,6 +277,38 @@ fn escape(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
 }
 
+/// For `#[serde(deserialize_with = "whole_number")]` on an `i64` field. JSON Schema, and so the
+/// OpenAPI document, calls a number an integer when its fraction is zero however it is written:
+/// `2.0` and `2e3` are integers to every client and generator that follows the document, and
+/// serde's own `i64` would refuse them. A fraction, or a float too large to be exact, still fails.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    use serde::de::{Error, Unexpected, Visitor};
+
+    struct Whole;
+    impl Visitor<'_> for Whole {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: Error>(self, value: i64) -> Result<i64, E> {
+            Ok(value)
+        }
+        fn visit_u64<E: Error>(self, value: u64) -> Result<i64, E> {
+            i64::try_from(value).map_err(|_| E::invalid_value(Unexpected::Unsigned(value), &self))
+        }
+        fn visit_f64<E: Error>(self, value: f64) -> Result<i64, E> {
+            // 2^53: beyond it a float no longer tells neighbouring integers apart.
+            const EXACT: f64 = 9_007_199_254_740_992.0;
+            if value.fract() == 0.0 && value.abs() <= EXACT {
+                Ok(value as i64)
+            } else {
+                Err(E::invalid_type(Unexpected::Float(value), &self))
+            }
+        }
+    }
+    deserializer.deserialize_i64(Whole)
+}
+
 /// A `validator` error with a code and a message for the client.
 pub fn invalid(
     code: &'static str,
@@ -291,6 +324,31 @@ mod tests {
     use validator::Validate;
 
     use super::*;
+
+    #[test]
+    fn an_integer_may_be_written_with_a_zero_fraction_but_not_with_a_fraction() {
+        #[derive(Debug, Deserialize)]
+        struct Count {
+            #[serde(deserialize_with = "whole_number")]
+            n: i64,
+        }
+        let read = |body: Value| serde_json::from_value::<Count>(body).map(|count| count.n);
+        assert_eq!(read(json!({"n": 1285})).unwrap(), 1285);
+        assert_eq!(read(json!({"n": 1285.0})).unwrap(), 1285);
+        assert_eq!(read(json!({"n": -3e3})).unwrap(), -3000);
+        assert_eq!(
+            serde_json::from_str::<Count>(r#"{"n": 2e3}"#).unwrap().n,
+            2000
+        );
+        for bad in [
+            json!({"n": 1.5}),
+            json!({"n": 1e300}),
+            json!({"n": "1"}),
+            json!({"n": u64::MAX}),
+        ] {
+            assert!(read(bad.clone()).is_err(), "{bad}");
+        }
+    }
 
     fn check_positive(value: i64) -> Result<(), validator::ValidationError> {
         if value > 0 {

@@ -79,9 +79,11 @@ pub struct LineItemInput {
     sku: String,
     #[validate(custom(function = "check_quantity"))]
     #[schema(minimum = 1, maximum = 10000)]
+    #[serde(deserialize_with = "crate::validation::whole_number")]
     quantity: i64,
     #[validate(custom(function = "check_unit_price"))]
     #[schema(minimum = 0, maximum = 100000000)]
+    #[serde(deserialize_with = "crate::validation::whole_number")]
     unit_price_cents: i64,
 }
 
