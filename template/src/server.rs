@@ -43,7 +43,9 @@ impl Application {
                 let methods = [
                     ("GET", item.get.is_some()),
                     ("POST", item.post.is_some()),
+                    ("PUT", item.put.is_some()),
                     ("PATCH", item.patch.is_some()),
+                    ("DELETE", item.delete.is_some()),
                 ];
                 methods
                     .into_iter()
