@@ -127,17 +127,24 @@ pub fn finish(doc: &mut utoipa::openapi::OpenApi) {
                 add_problem(operation, ErrorCode::IdempotencyKeyReused);
             }
             let takes_body = operation.request_body.is_some();
-            let takes_path_parameters = operation.parameters.iter().flatten().any(
-                |parameter| matches!(parameter, utoipa::openapi::RefOr::T(p) if p.parameter_in == ParameterIn::Path),
-            );
+            let takes = |place: ParameterIn| {
+                operation.parameters.iter().flatten().any(
+                    |parameter| matches!(parameter, utoipa::openapi::RefOr::T(p) if p.parameter_in == place),
+                )
+            };
+            let takes_path_parameters = takes(ParameterIn::Path);
+            // `extract::Query` refuses a value it cannot parse, or a query string over its cap.
+            let takes_query_parameters = takes(ParameterIn::Query);
             if takes_body {
                 add_problem(operation, ErrorCode::MalformedBody);
                 add_problem(operation, ErrorCode::PayloadTooLarge);
                 add_problem(operation, ErrorCode::UnsupportedMediaType);
                 add_problem(operation, ErrorCode::ValidationFailed);
             }
-            if takes_path_parameters {
+            if takes_path_parameters || takes_query_parameters {
                 add_problem(operation, ErrorCode::InvalidParameter);
+            }
+            if takes_path_parameters {
                 add_problem(operation, ErrorCode::NotFound);
             }
             if path.starts_with("/v1/") {
