@@ -6,7 +6,7 @@
 //! crashed worker (each worker sends heartbeats; the jobs of a worker that falls silent go back to
 //! the queue). Jobs must therefore be safe to run again: each commits progress with its effects.
 //!
-//! To add a job: a payload type, a queue name, a handler, and one `spawn_worker` line in [`run`].
+//! To add a job: a payload type, a queue name, a handler, and one `supervise` line in [`run`].
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -95,19 +95,62 @@ pub async fn run(db: PgPool, config: Config, stop: CancellationToken) -> anyhow:
         queues = ?QUEUES,
         "job workers started"
     );
-    let workers = [
-        Some(crate::imports::job::spawn_worker(
-            db.clone(),
-            &config,
-            stop.clone(),
-        )?),
-        crate::webhook::spawn_worker(db, &config, stop)?,
-    ];
-    for worker in workers.into_iter().flatten() {
-        worker.await??;
-    }
+    let imports = supervise(crate::imports::job::QUEUE, &stop, || {
+        crate::imports::job::spawn_worker(db.clone(), &config, stop.clone()).map(Some)
+    });
+    let webhooks = supervise(crate::webhook::QUEUE, &stop, || {
+        crate::webhook::spawn_worker(db.clone(), &config, stop.clone())
+    });
+    tokio::try_join!(imports, webhooks)?;
     tracing::info!("job workers stopped");
     Ok(())
+}
+
+/// The pause before a failed worker is started again, doubling up to [`LONGEST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+const LONGEST_PAUSE: Duration = Duration::from_secs(30);
+
+/// Keeps one queue's worker running until `stop`. apalis ends a worker when polling its backend
+/// fails, so without this a database that is away for a few seconds would end the worker
+/// process (and an API that runs its workers in process) instead of pausing the jobs. A worker
+/// that ends is started again, after a pause that doubles while it keeps failing. Its jobs in
+/// flight are safe either way: they commit their own progress, and a job whose worker stopped
+/// sending heartbeats goes back to the queue. `start` answering `None` means the queue is off.
+async fn supervise(
+    queue: &'static str,
+    stop: &CancellationToken,
+    start: impl Fn() -> anyhow::Result<Option<Running>>,
+) -> anyhow::Result<()> {
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let Some(worker) = start()? else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let ended = worker.await;
+        if stop.is_cancelled() {
+            return Ok(ended??);
+        }
+        if started.elapsed() > LONGEST_PAUSE {
+            pause = FIRST_PAUSE;
+        }
+        let reason = match ended {
+            Ok(Ok(())) => "it stopped without being asked to".to_owned(),
+            Ok(Err(error)) => error.to_string(),
+            Err(panicked) => panicked.to_string(),
+        };
+        tracing::warn!(
+            queue,
+            error = reason,
+            retry_in_secs = pause.as_secs(),
+            "job worker stopped; starting it again"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => return Ok(()),
+        }
+        pause = (pause * 2).min(LONGEST_PAUSE);
+    }
 }
 
 /// A worker running on its own task.

@@ -87,7 +87,7 @@ fn mixed_csv(orders: usize, together: bool) -> String {
     csv
 }
 
-async fn upload(
+pub(crate) async fn upload(
     app: &TestApp,
     token: &str,
     body: impl Into<reqwest::Body>,
@@ -107,7 +107,7 @@ async fn import_of(app: &TestApp, token: &str, id: &str) -> Value {
 }
 
 /// Polls the import until it is finished.
-async fn finished(app: &TestApp, token: &str, id: &str) -> Value {
+pub(crate) async fn finished(app: &TestApp, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let response = app
@@ -554,8 +554,9 @@ pub(crate) async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::
     start_worker_counting(db, extra, "\u{0}").await.0
 }
 
-/// [`start_worker`], also counting the worker's log lines that contain `marker`.
-async fn start_worker_counting(
+/// [`start_worker`], also counting the worker's log lines that contain `marker`. `extra` comes
+/// last, so it may override any variable (`DATABASE_URL` for a server of the test's own).
+pub(crate) async fn start_worker_counting(
     db: &PgPool,
     extra: &[(&str, &str)],
     marker: &'static str,

@@ -1,5 +1,5 @@
 //! The database goes away and comes back (R6): fast 503 problems and failing readiness while it
-//! is down, recovery without a restart when it returns. The test runs its own throwaway Postgres
+//! is down, recovery without a restart when it returns, for the API and for the worker. The test runs its own throwaway Postgres
 //! (the project's `scripts/local-postgres.sh`), because stopping the suite's shared one would
 //! break every other test.
 
@@ -11,7 +11,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use service::users::Role;
 
-use crate::harness::{TestApp, test_config};
+use crate::harness::{TestApp, test_config, with_job_queue};
+use crate::imports::{csv, finished, start_worker_counting, upload};
 
 /// A Postgres cluster of the test's own, destroyed when dropped.
 struct OwnPostgres {
@@ -122,4 +123,58 @@ async fn with_postgres_stopped_requests_get_fast_503s_and_the_service_recovers_w
         StatusCode::OK,
         "recovered without a restart"
     );
+}
+
+#[tokio::test]
+async fn the_worker_outlives_a_database_outage_and_then_runs_the_jobs_queued_meanwhile() {
+    let (postgres, url) = OwnPostgres::start();
+    let config = test_config(&[
+        ("DATABASE_URL", &url),
+        ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
+    ]);
+    let db = service::db::pool(&config.database).unwrap();
+    service::db::MIGRATOR.run(&db).await.unwrap();
+    let db = with_job_queue(db).await;
+    let restarted = "job worker stopped; starting it again";
+    let (mut worker, restarts) = start_worker_counting(
+        &db,
+        &[
+            ("DATABASE_URL", &url),
+            ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
+        ],
+        restarted,
+    )
+    .await;
+
+    // Down long enough for the worker's polling to fail.
+    postgres.script("stop");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while restarts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "the worker exited instead of waiting for the database"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the worker never noticed the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    postgres.script("start");
+
+    let app = TestApp::spawn_with(db, config).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    let response = upload(&app, &token, csv(3, 2), "after-the-outage").await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let import = finished(&app, &token, &id).await;
+    assert_eq!(import["status"], "succeeded", "{import}");
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the same worker process ran it"
+    );
+    worker.kill().await.unwrap();
 }
