@@ -24,8 +24,8 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
-use crate::auth::Principal;
 use crate::problem::{ErrorCode, Problem};
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -194,13 +194,14 @@ impl Idempotency {
     }
 
     /// Runs `effect` in a transaction. With a key: claims it first (replaying or rejecting as
-    /// the rules say), and stores the outcome in the same transaction. `effect` must return any
+    /// the rules say), and stores the outcome in the same transaction. Keys are scoped to
+    /// `principal_id`, whoever your callers are. `effect` must return any
     /// client error before it writes, and should evaluate preconditions (`If-Match`) itself, so
     /// that a replay wins over a precondition that has since become false.
     pub async fn run(
         self,
         db: &PgPool,
-        principal: &Principal,
+        principal_id: Uuid,
         body_digest: &[u8],
         effect: impl AsyncFnOnce(&mut PgConnection) -> Result<Outcome, Problem>,
     ) -> Result<Response, Problem> {
@@ -212,7 +213,7 @@ impl Idempotency {
         };
         let mut tx = db.begin_with(BEGIN_WITH_SHORT_LOCK_WAIT).await?;
         let fingerprint = self.fingerprint(body_digest);
-        if let Some(replay) = self.claim(&mut tx, principal, key, &fingerprint).await? {
+        if let Some(replay) = self.claim(&mut tx, principal_id, key, &fingerprint).await? {
             return Ok(replay);
         }
         // Whatever the effect writes before it fails with a client error is undone (back to the
@@ -247,7 +248,7 @@ impl Idempotency {
         sqlx::query!(
             "UPDATE idempotency_keys SET response = $5
              WHERE principal_id = $1 AND method = $2 AND route = $3 AND key = $4",
-            principal.user_id,
+            principal_id,
             self.method,
             self.route,
             key,
@@ -281,14 +282,14 @@ impl Idempotency {
     async fn claim(
         &self,
         conn: &mut PgConnection,
-        principal: &Principal,
+        principal_id: Uuid,
         key: &str,
         fingerprint: &[u8],
     ) -> Result<Option<Response>, Problem> {
         let inserted = sqlx::query!(
             "INSERT INTO idempotency_keys (principal_id, method, route, key, fingerprint)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            principal.user_id,
+            principal_id,
             self.method,
             self.route,
             key,
@@ -308,7 +309,7 @@ impl Idempotency {
         let existing = sqlx::query!(
             "SELECT fingerprint, response FROM idempotency_keys
              WHERE principal_id = $1 AND method = $2 AND route = $3 AND key = $4",
-            principal.user_id,
+            principal_id,
             self.method,
             self.route,
             key,

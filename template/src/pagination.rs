@@ -175,7 +175,7 @@ impl<T: Serialize> Page<T> {
             .next_cursor
             .as_ref()
             .map(|cursor| format!("<{list_url}&cursor={cursor}>; rel=\"next\""));
-        let mut response = crate::extract::Json(self).into_response();
+        let mut response = axum::Json(self).into_response();
         if let Some(link) = link {
             response
                 .headers_mut()

@@ -214,7 +214,7 @@ pub async fn create_import(
     };
     let mut created = false;
     let response = idempotency
-        .run(&state.db, &principal, &upload.digest, async |conn| {
+        .run(&state.db, principal.user_id, &upload.digest, async |conn| {
             store::lock_owner(conn, principal.user_id).await?;
             if store::count_active(conn, principal.user_id).await?
                 >= state.imports.max_active_per_user

@@ -330,7 +330,7 @@ pub async fn create_order(
     idempotency.require_key()?;
     let new_order = body.value.into_domain()?;
     idempotency
-        .run(&state.db, &principal, &body.digest, async |conn| {
+        .run(&state.db, principal.user_id, &body.digest, async |conn| {
             let order = store::insert(conn, principal.user_id, &new_order)
                 .await
                 .map_err(external_ref_conflict)?;
@@ -442,7 +442,7 @@ pub async fn update_order(
 ) -> Result<Response, Problem> {
     let change = body.value;
     idempotency
-        .run(&state.db, &principal, &body.digest, async |conn| {
+        .run(&state.db, principal.user_id, &body.digest, async |conn| {
             // After the key is claimed, so a replay wins; a 428 is not stored.
             if_match.require()?;
             let order = visible_to(store::find_for_update(conn, id).await?, &principal)?;
@@ -496,7 +496,7 @@ pub async fn submit_order(
     idempotency: Idempotency,
 ) -> Result<Response, Problem> {
     idempotency
-        .run(&state.db, &principal, &[], async |conn| {
+        .run(&state.db, principal.user_id, &[], async |conn| {
             transition(conn, &principal, id, &if_match, Action::Submit).await
         })
         .await
@@ -528,7 +528,7 @@ pub async fn approve_order(
 ) -> Result<Response, Problem> {
     principal.require_admin()?;
     idempotency
-        .run(&state.db, &principal, &[], async |conn| {
+        .run(&state.db, principal.user_id, &[], async |conn| {
             transition(conn, &principal, id, &if_match, Action::Approve).await
         })
         .await
@@ -558,7 +558,7 @@ pub async fn cancel_order(
     idempotency: Idempotency,
 ) -> Result<Response, Problem> {
     idempotency
-        .run(&state.db, &principal, &[], async |conn| {
+        .run(&state.db, principal.user_id, &[], async |conn| {
             transition(conn, &principal, id, &if_match, Action::Cancel).await
         })
         .await
