@@ -22,7 +22,8 @@ cd "$service"
 cargo update --workspace --quiet
 sed 's/^name = "acme-orders"$/name = "{{project-name}}"/' Cargo.lock > "$root/template/Cargo.lock"
 
-eval "$(PGPORT=$pg_port bash scripts/local-postgres.sh start)"
+settings=$(PGPORT=$pg_port bash scripts/local-postgres.sh start)  # fails the script if the server does not start
+eval "$settings"
 export DATABASE_URL
 sqlx migrate run
 # The job queue's tables, from apalis's own migration files: the service's queries on

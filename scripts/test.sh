@@ -88,7 +88,8 @@ step "cargo clippy --all-targets -- -D warnings (offline: no database)"
 SQLX_OFFLINE=true cargo clippy --locked --all-targets -- -D warnings
 
 step "Starting a throwaway Postgres on 127.0.0.1:$pg_port"
-eval "$(PGPORT=$pg_port bash scripts/local-postgres.sh start)"
+settings=$(PGPORT=$pg_port bash scripts/local-postgres.sh start)  # fails the script if the server does not start
+eval "$settings"
 export DATABASE_URL
 
 step "cargo sqlx prepare --check (the committed .sqlx data is current)"
@@ -96,7 +97,8 @@ SQLX_OFFLINE=true cargo run --locked --quiet -- migrate
 cargo sqlx prepare --check -- --all-targets
 
 step "Starting a throwaway Redis on 127.0.0.1:$redis_port"
-eval "$(REDIS_PORT=$redis_port bash scripts/local-redis.sh start)"
+settings=$(REDIS_PORT=$redis_port bash scripts/local-redis.sh start)  # fails the script if the server does not start
+eval "$settings"
 export REDIS_URL
 
 step "cargo test (real Postgres, real Redis)"

@@ -33,7 +33,8 @@ fi
 cd "$dest"
 
 say "Starting a local Postgres (scripts/local-postgres.sh)"
-eval "$(bash scripts/local-postgres.sh start)"
+settings=$(bash scripts/local-postgres.sh start)  # fails the script if the server does not start
+eval "$settings"
 export DATABASE_URL
 
 say "Building (the first build compiles every dependency: a few minutes)"

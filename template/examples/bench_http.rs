@@ -375,7 +375,10 @@ async fn stack_cost(config: &Config, db: PgPool, token: &str) -> anyhow::Result<
     config.rate_limit.per_minute = std::num::NonZeroU32::MAX;
     let state = service::app::AppState::new(db, &config)?;
     let bare = Router::new().route("/v1/orders/{id}", get(fixed));
-    let full = service::app::with_middleware(bare.clone(), &state, &config.http);
+    // `with_state` turns handlers into services once, as `axum::serve` does; a router called
+    // without it would apply every layer again on each request.
+    let full = service::app::with_middleware(bare.clone(), &state, &config.http).with_state(());
+    let bare = bare.with_state(());
     let path = format!("/v1/orders/{}", Uuid::now_v7());
     let mut spent = [Duration::ZERO; 2];
     for round in 0..=ROUNDS {

@@ -52,7 +52,10 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let fixed = || async { ([("content-type", "application/json")], r#"{"id":"fixed"}"#) };
     let bare = Router::new().route("/v1/orders/{id}", get(fixed));
-    let full = service::app::with_middleware(bare.clone(), &state, &config.http);
+    // `with_state` turns handlers into services once, as `axum::serve` does; a router called
+    // without it would apply every layer again on each request.
+    let full = service::app::with_middleware(bare.clone(), &state, &config.http).with_state(());
+    let bare = bare.with_state(());
     let path = format!("/v1/orders/{}", Uuid::now_v7());
 
     // The first requests warm caches and the allocator up; the rest are measured.

@@ -18,7 +18,8 @@ SQLX_OFFLINE=true cargo build --release --locked --quiet --example bench_http
 name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
 SQLX_OFFLINE=true cargo build --release --locked --quiet
 echo "==> Starting Postgres on 127.0.0.1:$pg_port" >&2
-eval "$(PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh start)"
+settings=$(PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh start)  # fails the script if the server does not start
+eval "$settings"
 export DATABASE_URL APP_ENV=development RUST_LOG=error REDIS_URL=
 "${CARGO_TARGET_DIR:-$here/target}/release/$name" migrate
 "${CARGO_TARGET_DIR:-$here/target}/release/examples/bench_http" "$@"

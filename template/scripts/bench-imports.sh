@@ -32,7 +32,8 @@ SQLX_OFFLINE=true cargo build --release --locked --quiet
 bin=${CARGO_TARGET_DIR:-$here/target}/release/$name
 
 say "Starting Postgres on 127.0.0.1:$pg_port"
-eval "$(PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh start)"
+settings=$(PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh start)  # fails the script if the server does not start
+eval "$settings"
 # The worker's phase timings ("file read", "rows staged", "orders written") are read from its log.
 export DATABASE_URL APP_ENV=development RUST_LOG=warn,service::imports::job=info
 psql=$(ls /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)

@@ -11,8 +11,6 @@ use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use crate::problem::{ErrorCode, Problem};
 
@@ -84,8 +82,7 @@ const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("60");
 pub async fn enforce(
     State(switches): State<Arc<Vec<Switch>>>,
     request: Request,
-    next: Next,
-) -> Response {
+) -> Result<Request, Problem> {
     let off = request
         .extensions()
         .get::<MatchedPath>()
@@ -95,14 +92,13 @@ pub async fn enforce(
                 .any(|switch| switch.covers(request.method().as_str(), route.as_str()))
         });
     if off {
-        return Problem::new(
+        return Err(Problem::new(
             ErrorCode::ServiceUnavailable,
             "This feature is switched off for now; retry later.",
         )
-        .with_header(header::RETRY_AFTER, RETRY_AFTER_SECONDS)
-        .into_response();
+        .with_header(header::RETRY_AFTER, RETRY_AFTER_SECONDS));
     }
-    next.run(request).await
+    Ok(request)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -481,8 +482,9 @@ const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("1");
 /// layer that can produce an error (routing, body limit, panic catcher) and sit inside the
 /// request-id layer.
 pub async fn render(request: Request, next: Next) -> Response {
-    let instance = request.uri().path().to_owned();
-    let request_id = crate::request_id::of(&request).to_owned();
+    // Cheap handles (reference-counted), turned into strings only when there is a problem to write.
+    let uri = request.uri().clone();
+    let request_id = request.extensions().get::<RequestId>().cloned();
 
     let mut response = next.run(request).await;
     let (problem, from_handler) = match response.extensions_mut().remove::<Problem>() {
@@ -505,6 +507,11 @@ pub async fn render(request: Request, next: Next) -> Response {
         }
         None => return response,
     };
+    let instance = uri.path();
+    let request_id = request_id
+        .as_ref()
+        .and_then(|id| id.header_value().to_str().ok())
+        .unwrap_or_default();
 
     if let Some(cause) = &problem.source {
         tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");
@@ -513,8 +520,8 @@ pub async fn render(request: Request, next: Next) -> Response {
         if problem.code == ErrorCode::InternalError {
             sentry::with_scope(
                 |scope| {
-                    scope.set_tag("request_id", &request_id);
-                    scope.set_tag("path", &instance);
+                    scope.set_tag("request_id", request_id);
+                    scope.set_tag("path", instance);
                 },
                 || sentry::integrations::anyhow::capture_anyhow(cause),
             );
@@ -527,7 +534,11 @@ pub async fn render(request: Request, next: Next) -> Response {
     } else {
         response.status()
     };
-    let body = match serde_json::to_vec(&problem.document(status, request_id, instance)) {
+    let body = match serde_json::to_vec(&problem.document(
+        status,
+        request_id.to_owned(),
+        instance.to_owned(),
+    )) {
         Ok(body) => body,
         Err(error) => {
             tracing::error!(%error, "cannot serialize a problem document");

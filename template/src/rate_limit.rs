@@ -19,6 +19,7 @@
 //! `REDIS_BREAKER_COOLDOWN`, so a hanging Redis does not add its timeout to every request.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -71,14 +72,15 @@ impl Policy {
         self.window / self.quota.get()
     }
 
-    /// `"default";q=600;w=60`
-    fn header_item(&self) -> String {
-        format!(
+    /// Appends `"default";q=600;w=60` (a `RateLimit-Policy` item) to `out`.
+    fn write_item(&self, out: &mut String) {
+        let _ = write!(
+            out,
             "\"{}\";q={};w={}",
             self.name,
             self.quota,
             self.window.as_secs()
-        )
+        );
     }
 }
 
@@ -318,7 +320,12 @@ impl RateLimiter {
         let limits = HandlerLimits(
             applied
                 .iter()
-                .map(|(policy, decision)| (policy.header_item(), state_item(policy, decision)))
+                .map(|(policy, decision)| {
+                    let (mut item, mut state) = (String::new(), String::new());
+                    policy.write_item(&mut item);
+                    write_state_item(&mut state, policy, decision);
+                    (item, state)
+                })
                 .collect(),
         );
         let denied = applied
@@ -357,13 +364,15 @@ fn ip_key(ip: IpAddr) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct HandlerLimits(Vec<(String, String)>);
 
-fn state_item(policy: &Policy, decision: &Decision) -> String {
-    format!(
+/// Appends `"default";r=599;t=1` (a `RateLimit` item) to `out`.
+fn write_state_item(out: &mut String, policy: &Policy, decision: &Decision) {
+    let _ = write!(
+        out,
         "\"{}\";r={};t={}",
         policy.name,
         decision.remaining,
         ceil_secs(decision.reset)
-    )
+    );
 }
 
 fn rejected(policy: &'static str, wait: Duration, detail: &'static str) -> Problem {
@@ -425,12 +434,22 @@ pub async fn enforce(
         .extensions_mut()
         .remove::<HandlerLimits>()
         .unwrap_or_default();
-    let (policies, states): (Vec<String>, Vec<String>) = applied
-        .iter()
-        .map(|(policy, decision)| (policy.header_item(), state_item(policy, decision)))
-        .chain(from_handler.0)
-        .unzip();
-    let (policies, states) = (policies.join(", "), states.join(", "));
+    // Both headers are lists: this layer's policies, then the handler's.
+    let (mut policies, mut states) = (String::with_capacity(128), String::with_capacity(96));
+    for (policy, decision) in &applied {
+        if !policies.is_empty() {
+            policies.push_str(", ");
+            states.push_str(", ");
+        }
+        policy.write_item(&mut policies);
+        write_state_item(&mut states, policy, decision);
+    }
+    for (item, state) in from_handler.0 {
+        policies.push_str(", ");
+        policies.push_str(&item);
+        states.push_str(", ");
+        states.push_str(&state);
+    }
     for (name, value) in [(RATELIMIT_POLICY, policies), (RATELIMIT, states)] {
         if let Ok(value) = HeaderValue::from_str(&value) {
             response.headers_mut().insert(name, value);
@@ -521,10 +540,21 @@ mod tests {
     }
 
     #[test]
-    fn policies_render_as_the_draft_asks() {
-        assert_eq!(
-            Policy::per_minute("default", NonZeroU32::new(600).unwrap()).header_item(),
-            "\"default\";q=600;w=60"
+    fn policies_and_states_render_as_the_draft_asks() {
+        let policy = Policy::per_minute("default", NonZeroU32::new(600).unwrap());
+        let (mut item, mut state) = (String::new(), String::new());
+        policy.write_item(&mut item);
+        write_state_item(
+            &mut state,
+            &policy,
+            &Decision {
+                allowed: true,
+                remaining: 599,
+                reset: Duration::from_millis(100),
+                retry_after: Duration::ZERO,
+            },
         );
+        assert_eq!(item, "\"default\";q=600;w=60");
+        assert_eq!(state, "\"default\";r=599;t=1");
     }
 }

@@ -14,7 +14,6 @@ use axum::response::Response;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::auth::Principal;
 use crate::problem::ErrorCode;
 
 /// Route label for requests no route matched; a fixed value keeps log and metric labels bounded.
@@ -55,6 +54,7 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         request_id = crate::request_id::of(&request),
         method = %method,
         route = %route,
+        // Recorded by `auth::identify` once the token is verified.
         principal = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         otel.name = span_name(&method, &route),
@@ -86,9 +86,6 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         .extensions()
         .get::<ErrorCode>()
         .map(|code| code.as_str());
-    if let Some(principal) = response.extensions().get::<Principal>() {
-        span.record("principal", tracing::field::display(principal.user_id));
-    }
     // Errors are problems we rendered; a failing health report (503 while shutting down) is an
     // answer, not an error, and is logged as one.
     span.in_scope(|| match error_code {

@@ -9,13 +9,9 @@ pub mod login;
 pub mod password;
 pub mod token;
 
-use std::sync::Arc;
-
-use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use crate::problem::{ErrorCode, Problem};
@@ -88,42 +84,32 @@ fn unauthenticated() -> Problem {
 
 /// Verifies the bearer token, if one is sent, and puts the [`Principal`] in the request. Rejects
 /// nothing itself: [`require`] does, after rate limiting has seen who is calling.
-pub async fn identify(
-    State(keys): State<Arc<TokenKeys>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+pub fn identify(keys: &TokenKeys, mut request: Request) -> Request {
     if let Some(token) = bearer_token(&request) {
         match keys.verify(token) {
             Ok(principal) => {
+                // On the request's span (`request_log`), so every line logged from here on says who.
+                tracing::Span::current()
+                    .record("principal", tracing::field::display(principal.user_id));
                 request.extensions_mut().insert(principal);
             }
             Err(error) => tracing::info!(%error, "rejected bearer token"),
         }
     }
-    let principal = request.extensions().get::<Principal>().copied();
-    let mut response = next.run(request).await;
-    if let Some(principal) = principal {
-        // For the request log line.
-        response.extensions_mut().insert(principal);
-    }
-    response
+    request
 }
 
 /// Default-deny: every route not in [`PUBLIC_ROUTES`] needs a principal, or answers 401.
 /// Requests that match no route pass through to the 404 fallback, which reveals nothing.
-pub async fn require(request: Request, next: Next) -> Response {
-    let route = request
+pub async fn require(request: Request) -> Result<Request, Problem> {
+    let is_public = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned());
-    let is_public = route
-        .as_deref()
-        .is_none_or(|route| PUBLIC_ROUTES.contains(&route));
+        .is_none_or(|route| PUBLIC_ROUTES.contains(&route.as_str()));
     if is_public || request.extensions().get::<Principal>().is_some() {
-        next.run(request).await
+        Ok(request)
     } else {
-        unauthenticated().into_response()
+        Err(unauthenticated())
     }
 }
 
