@@ -170,17 +170,6 @@ fn header_pairs(headers: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> 
         .collect()
 }
 
-/// Begins the transaction of a request with a key. An in-flight duplicate holds the key's
-/// unique-index entry until its transaction ends; the claim waits for it only briefly, because the
-/// point is to tell the client to come back, not to hold a connection. (A lock timeout aborts the
-/// transaction, which is what we want then.) Both statements go in one round trip.
-const BEGIN_WITH_SHORT_LOCK_WAIT: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
-
-/// Once the key is ours: the effect's own lock waits are not cut short, and a savepoint lets a
-/// client error roll the effect back while keeping the key. The reset comes before the savepoint
-/// so that rolling back to it keeps the reset. One round trip.
-const RESET_LOCK_WAIT_AND_SAVEPOINT: &str = "SET LOCAL lock_timeout TO DEFAULT; SAVEPOINT effect";
-
 impl Idempotency {
     /// 400 `idempotency_key_required` unless a key was sent.
     pub fn require_key(&self) -> Result<(), Problem> {
@@ -211,16 +200,11 @@ impl Idempotency {
             tx.commit().await?;
             return Ok(outcome.into_response());
         };
-        let mut tx = db.begin_with(BEGIN_WITH_SHORT_LOCK_WAIT).await?;
+        let mut tx = db.begin().await?;
         let fingerprint = self.fingerprint(body_digest);
         if let Some(replay) = self.claim(&mut tx, principal_id, key, &fingerprint).await? {
             return Ok(replay);
         }
-        // Whatever the effect writes before it fails with a client error is undone (back to the
-        // savepoint), so that the stored error is all that the key commits.
-        sqlx::raw_sql(RESET_LOCK_WAIT_AND_SAVEPOINT)
-            .execute(&mut *tx)
-            .await?;
         let result = effect(&mut tx).await;
         let stored = match &result {
             Ok(outcome) => Stored::Success {
@@ -233,10 +217,21 @@ impl Idempotency {
             Err(problem) if !is_replayable(problem) => {
                 return result.map(IntoResponse::into_response);
             }
+            // Whatever the effect wrote before it failed is undone with the whole transaction,
+            // and the key is claimed again, in a transaction of its own, to store the error. (A
+            // savepoint after the claim would keep the key instead, at the cost of one more round
+            // trip on every keyed request that succeeds.)
             Err(problem) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT effect")
-                    .execute(&mut *tx)
-                    .await?;
+                tx.rollback().await?;
+                tx = db.begin().await?;
+                match self.claim(&mut tx, principal_id, key, &fingerprint).await {
+                    Ok(None) => {}
+                    // A duplicate ran in the moment between and stored its answer: the key's
+                    // answer is that one.
+                    Ok(Some(replay)) => return Ok(replay),
+                    // A duplicate is running now and will store its own answer.
+                    Err(_) => return result.map(IntoResponse::into_response),
+                }
                 Stored::Problem {
                     code: problem.code().as_str().to_owned(),
                     detail: problem.detail().to_owned(),
@@ -276,8 +271,11 @@ impl Idempotency {
     }
 
     /// Inserts the key, or explains why this request must not run: `Some(replay)` for a finished
-    /// duplicate, an error for a reused or in-flight key. `conn` must be in a transaction begun
-    /// with [`BEGIN_WITH_SHORT_LOCK_WAIT`], or an in-flight duplicate is waited for in full.
+    /// duplicate, an error for a reused or in-flight key. An in-flight duplicate holds the key's
+    /// unique-index entry until its transaction ends; the claim waits for it only 100 ms
+    /// (`claim_idempotency_key`'s own lock timeout, in `migrations/`), because the point is to tell
+    /// the client to come back, not to hold a connection. The timeout aborts the transaction,
+    /// which is what we want then.
     #[tracing::instrument(name = "idempotency.claim", skip_all, fields(otel.kind = "client", db.system.name = "postgresql"))]
     async fn claim(
         &self,
@@ -286,20 +284,19 @@ impl Idempotency {
         key: &str,
         fingerprint: &[u8],
     ) -> Result<Option<Response>, Problem> {
-        let inserted = sqlx::query!(
-            "INSERT INTO idempotency_keys (principal_id, method, route, key, fingerprint)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        let inserted = sqlx::query_scalar!(
+            r#"SELECT claim_idempotency_key($1, $2, $3, $4, $5) AS "inserted!""#,
             principal_id,
             self.method,
             self.route,
             key,
             fingerprint,
         )
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await;
         match inserted {
-            Ok(done) if done.rows_affected() == 1 => return Ok(None),
-            Ok(_) => {}
+            Ok(true) => return Ok(None),
+            Ok(false) => {}
             Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
                 return Err(in_use());
             }
