@@ -406,3 +406,62 @@ async fn a_428_for_a_missing_if_match_does_not_claim_the_key(db: PgPool) {
     assert_eq!(free.status(), StatusCode::OK);
     assert!(free.headers().get("idempotent-replayed").is_none());
 }
+
+#[sqlx::test]
+async fn a_stored_client_error_keeps_nothing_the_effect_wrote_before_it(db: PgPool) {
+    use axum::extract::FromRequestParts;
+    use service::idempotency::{Idempotency, Outcome};
+    use service::problem::{ErrorCode, Problem};
+
+    let principal = uuid::Uuid::now_v7();
+    let request = || async {
+        let (mut parts, ()) = axum::http::Request::post("/v1/things")
+            .header("idempotency-key", "k-1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        Idempotency::from_request_parts(&mut parts, &())
+            .await
+            .unwrap()
+    };
+    // An effect that breaks its contract: it writes, then decides on a client error.
+    let writes_then_refuses = async |conn: &mut sqlx::PgConnection| -> Result<Outcome, Problem> {
+        sqlx::query("CREATE TABLE written_by_the_effect (id int)")
+            .execute(&mut *conn)
+            .await?;
+        Err(Problem::new(ErrorCode::InvalidStateTransition, "refused"))
+    };
+    let refused = request()
+        .await
+        .run(&db, principal, b"body", writes_then_refuses)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), ErrorCode::InvalidStateTransition);
+    let written: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('written_by_the_effect')::text")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(written, None, "the effect's write was rolled back");
+
+    // The error itself is the key's answer: replayed, and the effect does not run again.
+    let replay = request()
+        .await
+        .run(
+            &db,
+            principal,
+            b"body",
+            async |_: &mut sqlx::PgConnection| {
+                panic!("a stored answer must be replayed, not recomputed")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(replay.code(), ErrorCode::InvalidStateTransition);
+    assert!(
+        replay
+            .headers()
+            .iter()
+            .any(|(name, value)| name == "idempotent-replayed" && value == "true")
+    );
+}
