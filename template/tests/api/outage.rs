@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use service::config::Config;
 use service::users::Role;
+use sqlx::PgPool;
 
 use crate::harness::{TestApp, test_config, with_job_queue};
 use crate::imports::{csv, finished, start_worker_counting, upload};
@@ -72,15 +74,26 @@ impl Drop for OwnPostgres {
     }
 }
 
+/// A service on `url` that waits at most a second for a connection, so that requests made while
+/// the database is down answer at once.
+fn settings(url: &str) -> [(&'static str, &str); 2] {
+    [
+        ("DATABASE_URL", url),
+        ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
+    ]
+}
+
+async fn migrated_pool(url: &str) -> (Config, PgPool) {
+    let config = test_config(&settings(url));
+    let db = service::db::pool(&config.database).unwrap();
+    service::db::MIGRATOR.run(&db).await.unwrap();
+    (config, db)
+}
+
 #[tokio::test]
 async fn with_postgres_stopped_requests_get_fast_503s_and_the_service_recovers_when_it_returns() {
     let (postgres, url) = OwnPostgres::start();
-    let config = test_config(&[
-        ("DATABASE_URL", &url),
-        ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
-    ]);
-    let db = service::db::pool(&config.database).unwrap();
-    service::db::MIGRATOR.run(&db).await.unwrap();
+    let (config, db) = migrated_pool(&url).await;
     let app = TestApp::spawn_with(db, config).await;
     let (_, token) = app.token_for(Role::Customer).await;
     let orders = || app.call(Method::GET, "/v1/orders", &token).send();
@@ -128,23 +141,10 @@ async fn with_postgres_stopped_requests_get_fast_503s_and_the_service_recovers_w
 #[tokio::test]
 async fn the_worker_outlives_a_database_outage_and_then_runs_the_jobs_queued_meanwhile() {
     let (postgres, url) = OwnPostgres::start();
-    let config = test_config(&[
-        ("DATABASE_URL", &url),
-        ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
-    ]);
-    let db = service::db::pool(&config.database).unwrap();
-    service::db::MIGRATOR.run(&db).await.unwrap();
+    let (config, db) = migrated_pool(&url).await;
     let db = with_job_queue(db).await;
     let restarted = "job worker stopped; starting it again";
-    let (mut worker, restarts) = start_worker_counting(
-        &db,
-        &[
-            ("DATABASE_URL", &url),
-            ("DATABASE_ACQUIRE_TIMEOUT_MS", "1000"),
-        ],
-        restarted,
-    )
-    .await;
+    let (mut worker, restarts) = start_worker_counting(&db, &settings(&url), restarted).await;
 
     // Down long enough for the worker's polling to fail.
     postgres.script("stop");
