@@ -23,7 +23,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Acquire, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::problem::{ErrorCode, Problem};
@@ -183,10 +183,11 @@ impl Idempotency {
     }
 
     /// Runs `effect` in a transaction. With a key: claims it first (replaying or rejecting as
-    /// the rules say), and stores the outcome in the same transaction. Keys are scoped to
-    /// `principal_id`, whoever your callers are. `effect` must return any
-    /// client error before it writes, and should evaluate preconditions (`If-Match`) itself, so
-    /// that a replay wins over a precondition that has since become false.
+    /// the rules say), and stores a success in the same transaction. A client error the effect
+    /// decides on is stored too, after its transaction is rolled back (see below). Keys are
+    /// scoped to `principal_id`, whoever your callers are. `effect` should evaluate
+    /// preconditions (`If-Match`) itself, so that a replay wins over a precondition that has
+    /// since become false.
     pub async fn run(
         self,
         db: &PgPool,
@@ -200,7 +201,10 @@ impl Idempotency {
             tx.commit().await?;
             return Ok(outcome.into_response());
         };
-        let mut tx = db.begin().await?;
+        // One connection for both transactions below: a client error already decided must not
+        // wait for the pool again, or turn into a 503 when the pool is busy.
+        let mut conn = db.acquire().await?;
+        let mut tx = conn.begin().await?;
         let fingerprint = self.fingerprint(body_digest);
         if let Some(replay) = self.claim(&mut tx, principal_id, key, &fingerprint).await? {
             return Ok(replay);
@@ -223,14 +227,17 @@ impl Idempotency {
             // trip on every keyed request that succeeds.)
             Err(problem) => {
                 tx.rollback().await?;
-                tx = db.begin().await?;
+                tx = conn.begin().await?;
                 match self.claim(&mut tx, principal_id, key, &fingerprint).await {
                     Ok(None) => {}
                     // A duplicate ran in the moment between and stored its answer: the key's
-                    // answer is that one.
+                    // answer is that one (a stored client error comes back as `Err`, below).
                     Ok(Some(replay)) => return Ok(replay),
                     // A duplicate is running now and will store its own answer.
-                    Err(_) => return result.map(IntoResponse::into_response),
+                    Err(in_use) if in_use.code() == ErrorCode::IdempotencyKeyInUse => {
+                        return result.map(IntoResponse::into_response);
+                    }
+                    Err(other) => return Err(other),
                 }
                 Stored::Problem {
                     code: problem.code().as_str().to_owned(),

@@ -445,9 +445,11 @@ pub async fn enforce(
         write_state_item(&mut states, policy, decision);
     }
     for (item, state) in from_handler.0 {
-        policies.push_str(", ");
+        if !policies.is_empty() {
+            policies.push_str(", ");
+            states.push_str(", ");
+        }
         policies.push_str(&item);
-        states.push_str(", ");
         states.push_str(&state);
     }
     for (name, value) in [(RATELIMIT_POLICY, policies), (RATELIMIT, states)] {
