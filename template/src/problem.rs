@@ -508,10 +508,7 @@ pub async fn render(request: Request, next: Next) -> Response {
         None => return response,
     };
     let instance = uri.path();
-    let request_id = request_id
-        .as_ref()
-        .and_then(|id| id.header_value().to_str().ok())
-        .unwrap_or_default();
+    let request_id = crate::request_id::text(request_id.as_ref());
 
     if let Some(cause) = &problem.source {
         tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");

@@ -320,12 +320,7 @@ impl RateLimiter {
         let limits = HandlerLimits(
             applied
                 .iter()
-                .map(|(policy, decision)| {
-                    let (mut item, mut state) = (String::new(), String::new());
-                    policy.write_item(&mut item);
-                    write_state_item(&mut state, policy, decision);
-                    (item, state)
-                })
+                .map(|(policy, decision)| ((*policy).clone(), *decision))
                 .collect(),
         );
         let denied = applied
@@ -359,10 +354,10 @@ fn ip_key(ip: IpAddr) -> String {
     }
 }
 
-/// Decisions a handler made on buckets of its own (login's), as `RateLimit-Policy` and
-/// `RateLimit` items, for [`enforce`] to report beside the ones it made.
+/// Decisions a handler made on buckets of its own (login's), for [`enforce`] to report in the
+/// `RateLimit-Policy` and `RateLimit` headers beside the ones it made.
 #[derive(Debug, Clone, Default)]
-pub struct HandlerLimits(Vec<(String, String)>);
+pub struct HandlerLimits(Vec<(Policy, Decision)>);
 
 /// Appends `"default";r=599;t=1` (a `RateLimit` item) to `out`.
 fn write_state_item(out: &mut String, policy: &Policy, decision: &Decision) {
@@ -436,21 +431,18 @@ pub async fn enforce(
         .unwrap_or_default();
     // Both headers are lists: this layer's policies, then the handler's.
     let (mut policies, mut states) = (String::with_capacity(128), String::with_capacity(96));
-    for (policy, decision) in &applied {
-        if !policies.is_empty() {
+    let ours = applied.iter().map(|(policy, decision)| (*policy, decision));
+    let handlers = from_handler
+        .0
+        .iter()
+        .map(|(policy, decision)| (policy, decision));
+    for (n, (policy, decision)) in ours.chain(handlers).enumerate() {
+        if n > 0 {
             policies.push_str(", ");
             states.push_str(", ");
         }
         policy.write_item(&mut policies);
         write_state_item(&mut states, policy, decision);
-    }
-    for (item, state) in from_handler.0 {
-        if !policies.is_empty() {
-            policies.push_str(", ");
-            states.push_str(", ");
-        }
-        policies.push_str(&item);
-        states.push_str(&state);
     }
     for (name, value) in [(RATELIMIT_POLICY, policies), (RATELIMIT, states)] {
         if let Ok(value) = HeaderValue::from_str(&value) {

@@ -45,10 +45,12 @@ impl MakeRequestId for MakeUuidV7 {
 
 /// The request id of a request that went through the request-id layers.
 pub fn of(request: &Request) -> &str {
-    request
-        .extensions()
-        .get::<RequestId>()
-        .and_then(|id| id.header_value().to_str().ok())
+    text(request.extensions().get::<RequestId>())
+}
+
+/// A request id as text; empty when there is none.
+pub fn text(id: Option<&RequestId>) -> &str {
+    id.and_then(|id| id.header_value().to_str().ok())
         .unwrap_or_default()
 }
 
