@@ -116,8 +116,8 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .map_request(request_id::drop_insane_request_id)
             .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+            // The log line and the request-duration metric, from one timing of the request.
             .layer(axum::middleware::from_fn(request_log::log_request))
-            .layer(axum::middleware::from_fn(metrics::track_requests))
             .map_response(security_headers::set_defaults)
             .option_layer(security_headers::hsts(http))
             .option_layer(security_headers::cors(http))

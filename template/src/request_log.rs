@@ -1,4 +1,5 @@
-//! One structured log line per request, and a span that every log line of the request inherits.
+//! One structured log line per request, and a span that every log line of the request inherits;
+//! the same layer records the request in the metrics (`metrics::record_request`).
 //!
 //! Prevents: requests you cannot find or correlate. Every line written while a request is handled
 //! carries its `request_id`; the closing `request` line adds method, matched route, the
@@ -81,7 +82,9 @@ pub async fn log_request(request: Request, next: Next) -> Response {
     if response.status().is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed();
+    crate::metrics::record_request(&method, &route, response.status(), elapsed);
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
     let error_code = response
         .extensions()
         .get::<ErrorCode>()
