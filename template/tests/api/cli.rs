@@ -201,11 +201,13 @@ pub(crate) async fn login(api: &str, email: &str) -> String {
 
 #[sqlx::test]
 async fn serve_logs_one_json_line_per_request_and_stops_cleanly_on_sigterm(db: PgPool) {
+    // The readiness delay is long enough for the test to read the shutdown line and ask
+    // `/readyz` before the listener closes, on a busy machine too; it waits for the exit anyway.
     let Served {
         mut child,
         api,
         mut logs,
-    } = serve(&db, &[("SHUTDOWN_READINESS_DELAY_SECS", "1")]).await;
+    } = serve(&db, &[("SHUTDOWN_READINESS_DELAY_SECS", "5")]).await;
     let client = client();
 
     let response = client

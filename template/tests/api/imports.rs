@@ -550,6 +550,12 @@ async fn row_errors_are_served_in_pages(db: PgPool) {
 
 /// A real `worker` process against the test's database, with fast heartbeats so that the jobs of
 /// a killed worker are taken over within seconds.
+/// Heartbeats for tests that count how often a job ran. The default test worker (1 s, two
+/// missed) lets the kill tests see a dead worker's job taken over quickly; a live worker starved
+/// of CPU for two seconds on a busy machine would be taken for dead too, and its job run twice.
+pub(crate) const PATIENT_HEARTBEATS: [(&str, &str); 2] =
+    [("JOB_HEARTBEAT_SECS", "5"), ("JOB_MISSED_HEARTBEATS", "6")];
+
 pub(crate) async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::process::Child {
     start_worker_counting(db, extra, "\u{0}").await.0
 }
@@ -1206,10 +1212,15 @@ async fn notifications_survive_a_failing_and_hanging_receiver(db: PgPool) {
 async fn several_workers_share_one_queue_and_run_each_job_once(db: PgPool) {
     let config = import_config(&[("IMPORT_MAX_ACTIVE_PER_USER", "50")]);
     let app = TestApp::spawn_with(with_job_queue(db.clone()).await, config).await;
+    let settings = [
+        ("WORKER_CONCURRENCY", "2"),
+        PATIENT_HEARTBEATS[0],
+        PATIENT_HEARTBEATS[1],
+    ];
     let workers = [
-        start_worker(&db, &[("WORKER_CONCURRENCY", "2")]).await,
-        start_worker(&db, &[("WORKER_CONCURRENCY", "2")]).await,
-        start_worker(&db, &[("WORKER_CONCURRENCY", "2")]).await,
+        start_worker(&db, &settings).await,
+        start_worker(&db, &settings).await,
+        start_worker(&db, &settings).await,
     ];
     let (user, token) = app.token_for(Role::Customer).await;
     let mut ids = Vec::new();

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::cli::{create_customer, login, serve, terminate};
 use crate::harness::{client, get_json_at, with_job_queue};
-use crate::imports::{csv, import_jobs, start_worker};
+use crate::imports::{PATIENT_HEARTBEATS, csv, import_jobs, start_worker};
 
 /// Starts one `serve` process with `vars`; its logs are drained so it never blocks on them.
 async fn instance(db: &PgPool, vars: &[(&str, &str)]) -> (Child, String) {
@@ -30,13 +30,19 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
     let vars = [
         ("REDIS_URL", redis.as_str()),
         ("RATE_LIMIT_REDIS_PREFIX", prefix.as_str()),
+        // A busy machine's Redis may take longer than the production 200 ms; a timeout would
+        // decide from this process's own buckets and split the shared count.
+        ("REDIS_TIMEOUT_MS", "2000"),
         ("RATE_LIMIT_PER_MINUTE", "40"),
         ("RATE_LIMIT_WRITES_PER_MINUTE", "1000"),
         ("IMPORT_MAX_ACTIVE_PER_USER", "10"),
     ];
     let (api_a, a) = instance(&db, &vars).await;
     let (api_b, b) = instance(&db, &vars).await;
-    let workers = [start_worker(&db, &[]).await, start_worker(&db, &[]).await];
+    let workers = [
+        start_worker(&db, &PATIENT_HEARTBEATS).await,
+        start_worker(&db, &PATIENT_HEARTBEATS).await,
+    ];
     let http = client();
     create_customer(&db, "both@example.com").await;
     let token = login(&a, "both@example.com").await;
@@ -140,6 +146,7 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
     create_customer(&db, "limited@example.com").await;
     let limited = login(&b, "limited@example.com").await;
     let mut statuses = Vec::new();
+    let started = Instant::now();
     for n in 0..60 {
         let base = if n % 2 == 0 { &a } else { &b };
         let answer = http
@@ -154,9 +161,11 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
         .iter()
         .filter(|status| **status == StatusCode::OK)
         .count();
+    // The bucket gains a request back every 1.5 s: on a slow machine the loop itself earns some.
+    let refilled = (started.elapsed().as_secs_f64() / 1.5) as usize;
     assert!(
-        statuses.contains(&StatusCode::TOO_MANY_REQUESTS) && granted <= 41,
-        "40 a minute in all, not per instance: {granted} granted"
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS) && granted <= 41 + refilled,
+        "40 a minute in all, not per instance: {granted} granted, {refilled} refilled"
     );
 
     for child in [&api_a, &api_b].into_iter().chain(workers.iter()) {

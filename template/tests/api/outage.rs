@@ -24,6 +24,11 @@ struct OwnPostgres {
 
 impl OwnPostgres {
     fn script(&self, action: &str) -> String {
+        self.run(action)
+            .unwrap_or_else(|error| panic!("local-postgres.sh {action}: {error}"))
+    }
+
+    fn run(&self, action: &str) -> Result<String, String> {
         let output = Command::new("bash")
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -35,28 +40,35 @@ impl OwnPostgres {
             .env("DATABASE_NAME", "outage")
             .output()
             .expect("the script runs");
-        assert!(
-            output.status.success(),
-            "local-postgres.sh {action}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
     }
 
     fn start() -> (OwnPostgres, String) {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap()
-            .port();
-        let postgres = OwnPostgres {
-            port,
-            dir: format!("/tmp/outage-test-postgres-{port}"),
-        };
-        let url = postgres
-            .script("start")
-            .trim_start_matches("DATABASE_URL=")
-            .to_owned();
-        (postgres, url)
+        // A port that was free when chosen is not reserved: another test may bind it while
+        // `initdb` runs, before Postgres does. A failed start tries another port.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .unwrap()
+                .port();
+            let postgres = OwnPostgres {
+                port,
+                dir: format!("/tmp/outage-test-postgres-{port}"),
+            };
+            match postgres.run("start") {
+                Ok(settings) => {
+                    let url = settings.trim_start_matches("DATABASE_URL=").to_owned();
+                    return (postgres, url);
+                }
+                Err(error) => failures.push(error),
+            }
+        }
+        panic!("local-postgres.sh start failed three times: {failures:#?}");
     }
 }
 
