@@ -159,7 +159,8 @@ mod tests {
         let token = keys.issue(&principal).unwrap();
         assert!(keys.verify(&token).is_ok());
         assert!(keys.verify(&token).is_ok(), "remembered");
-        // One signature character changed, never to itself (the last one carries spare bits).
+        // A character well inside the signature (the last one has two padding bits), changed to
+        // a different one.
         let (head, tail) = token.split_at(token.len() - 5);
         let swapped = if tail.starts_with('A') { "B" } else { "A" };
         let tampered = format!("{head}{swapped}{}", &tail[1..]);

@@ -548,14 +548,14 @@ async fn row_errors_are_served_in_pages(db: PgPool) {
     app.stopped().await.unwrap();
 }
 
-/// A real `worker` process against the test's database, with fast heartbeats so that the jobs of
-/// a killed worker are taken over within seconds.
 /// Heartbeats for tests that count how often a job ran. The default test worker (1 s, two
 /// missed) lets the kill tests see a dead worker's job taken over quickly; a live worker starved
 /// of CPU for two seconds on a busy machine would be taken for dead too, and its job run twice.
 pub(crate) const PATIENT_HEARTBEATS: [(&str, &str); 2] =
     [("JOB_HEARTBEAT_SECS", "5"), ("JOB_MISSED_HEARTBEATS", "6")];
 
+/// A real `worker` process against the test's database, with fast heartbeats so that the jobs of
+/// a killed worker are taken over within seconds.
 pub(crate) async fn start_worker(db: &PgPool, extra: &[(&str, &str)]) -> tokio::process::Child {
     start_worker_counting(db, extra, "\u{0}").await.0
 }

@@ -162,6 +162,8 @@ async fn two_api_and_two_worker_processes_behave_as_one_service(db: PgPool) {
         .filter(|status| **status == StatusCode::OK)
         .count();
     // The bucket gains a request back every 1.5 s: on a slow machine the loop itself earns some.
+    // (Past half a minute the bound no longer bites; the 429s still show one shared bucket, as
+    // two per-instance buckets of 40 would grant all 60.)
     let refilled = (started.elapsed().as_secs_f64() / 1.5) as usize;
     assert!(
         statuses.contains(&StatusCode::TOO_MANY_REQUESTS) && granted <= 41 + refilled,
