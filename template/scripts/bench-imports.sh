@@ -21,6 +21,9 @@ name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # serve drains for a few seconds after SIGTERM: wait, so that a run straight after this one
+  # finds its ports free.
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   PGPORT=$pg_port PGDATA_DIR=$work/pg bash scripts/local-postgres.sh destroy >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -45,12 +48,18 @@ CREATE_USER_PASSWORD=bench-password-123 "$bin" create-user --email bench@example
 export IMPORT_MAX_BYTES=$((256 * 1024 * 1024)) IMPORT_MAX_ROWS=10000000 IMPORT_MAX_ACTIVE_PER_USER=100
 export RATE_LIMIT_PER_MINUTE=100000 RATE_LIMIT_WRITES_PER_MINUTE=100000 REDIS_URL=
 API_ADDR=127.0.0.1:18480 ADMIN_ADDR=127.0.0.1:19480 "$bin" serve >"$work/serve.log" 2>&1 &
-pids+=($!)
+serve=$!
+pids+=($serve)
 ADMIN_ADDR=127.0.0.1:19481 "$bin" worker >"$work/worker.log" 2>&1 &
 worker=$!
 pids+=($worker)
 api=http://127.0.0.1:18480
-until curl -sf "$api/readyz" >/dev/null; do sleep 0.2; done
+until curl -sf "$api/readyz" >/dev/null; do
+  if ! kill -0 "$serve" 2>/dev/null; then
+    say "serve exited before it was ready:"; tail -n 5 "$work/serve.log" >&2; exit 1
+  fi
+  sleep 0.2
+done
 token=$(curl -sf -X POST "$api/v1/auth/token" -H 'content-type: application/json' \
   -d '{"email":"bench@example.com","password":"bench-password-123"}' | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
 

@@ -57,6 +57,8 @@ start() {
   fi
   if ! as_owner "$bindir/pg_ctl" status --pgdata="$datadir" >/dev/null 2>&1; then
     # Sockets go in the data directory: /var/run/postgresql may not exist or be writable.
+    # fsync=off: the data is thrown away, so commits need not wait for the disk (faster tests;
+    # benchmarks measured on this server leave flush waits out, on both sides).
     as_owner "$bindir/pg_ctl" start --pgdata="$datadir" --wait --log="$datadir/server.log" \
       -o "-c listen_addresses=127.0.0.1 -p $port -k $datadir -c max_connections=200 -c fsync=off" >/dev/null
   fi
