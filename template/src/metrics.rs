@@ -137,11 +137,11 @@ fn describe() {
 /// Called by the request log's layer (`request_log::log_request`), which already holds the
 /// method, route and latency: a second layer timing the same request would cost every request a
 /// boxed future and a copy of the layers below it.
-pub fn record_request(method: &Method, route: &str, status: StatusCode, elapsed: Duration) {
+pub fn record_request(method: &Method, route: String, status: StatusCode, elapsed: Duration) {
     metrics::histogram!(
         REQUEST_DURATION,
         "method" => method_label(method),
-        "route" => route.to_owned(),
+        "route" => route,
         "status" => status.as_u16().to_string()
     )
     .record(elapsed.as_secs_f64());

@@ -83,7 +83,7 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         span.record("otel.status_code", "ERROR");
     }
     let elapsed = started.elapsed();
-    crate::metrics::record_request(&method, &route, response.status(), elapsed);
+    crate::metrics::record_request(&method, route, response.status(), elapsed);
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     let error_code = response
         .extensions()

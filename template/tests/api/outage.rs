@@ -39,7 +39,7 @@ impl OwnPostgres {
             .env("PGDATA_DIR", &self.dir)
             .env("DATABASE_NAME", "outage")
             .output()
-            .expect("the script runs");
+            .map_err(|error| format!("cannot run the script: {error}"))?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
         } else {
@@ -74,15 +74,7 @@ impl OwnPostgres {
 
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/local-postgres.sh"
-            ))
-            .arg("destroy")
-            .env("PGPORT", self.port.to_string())
-            .env("PGDATA_DIR", &self.dir)
-            .status();
+        let _ = self.run("destroy");
     }
 }
 
