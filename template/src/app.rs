@@ -17,6 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::auth::token::TokenKeys;
 use crate::client_ip::TrustedProxies;
 use crate::config::{Config, HttpConfig, ImportsConfig, JobsConfig};
+use crate::middleware::around;
 use crate::pagination::Cursors;
 use crate::rate_limit::RateLimiter;
 use crate::request_id::{MakeUuidV7, REQUEST_ID_HEADER};
@@ -117,46 +118,40 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
             // The log line and the request-duration metric, from one timing of the request.
-            .layer(axum::middleware::from_fn(request_log::log_request))
+            .layer(around(request_log::LogRequest))
             .map_response(security_headers::set_defaults)
             .option_layer(security_headers::hsts(http))
             .option_layer(security_headers::cors(http))
-            .layer(axum::middleware::from_fn(problem::render))
+            .layer(around(problem::Render))
             // A panic in one of the layers below becomes a 500 problem here. A handler's panic is
             // caught innermost (the last layer), so its 500 still passes every layer on the way
             // out and carries the RateLimit and Deprecation headers like any other answer.
             .layer(CatchPanicLayer::custom(problem::from_panic))
             // Steps that only add to the request and never answer are plain functions under
-            // tower's `map_request`: called in line, no clone of the layers below, no boxed future.
+            // tower's `map_request`.
             .map_request({
                 let trusted = state.trusted_proxies.clone();
                 move |request| client_ip::resolve(&trusted, request)
             })
-            .layer(axum::middleware::from_fn(deprecation::add_headers))
+            .layer(around(deprecation::AddHeaders))
             .map_request({
                 let keys = state.tokens.clone();
                 move |request| auth::identify(&keys, request)
             })
             // Limits per principal (per client IP when anonymous), before anything is refused, so
-            // every `/v1` answer, 401s included, carries the RateLimit headers.
+            // every `/v1` answer, 401s included, carries the RateLimit headers. An axum `from_fn`
+            // because it may wait for Redis before the request goes on (`middleware` says why
+            // the others are not).
             .layer(axum::middleware::from_fn_with_state(
                 state.rate_limiter.clone(),
                 rate_limit::enforce,
             ))
             // Overload: refuse at once past the concurrency ceiling, abandon what runs too long.
             // Inside the rate limiter, so these 503s carry the RateLimit headers too.
-            .layer(axum::middleware::from_fn_with_state(
-                overload::Overload::new(http),
-                overload::guard,
-            ))
+            .layer(around(overload::Overload::new(http)))
             // Default-deny: every route but `auth::PUBLIC_ROUTES` needs a valid bearer token.
-            // Steps that answer or pass the request on use axum's `map_request`: one boxed
-            // future, against two and a boxed copy of the layers below for `from_fn`.
-            .layer(axum::middleware::map_request(auth::require))
-            .layer(axum::middleware::map_request_with_state(
-                Arc::new(http.disabled.clone()),
-                kill_switch::enforce,
-            ))
+            .layer(around(auth::Require))
+            .layer(around(kill_switch::Enforce::new(&http.disabled)))
             // Two body limits. tower-http's covers every body, streamed or buffered, at the
             // largest any route takes (a CSV import); axum's applies to the JSON extractors.
             .layer(RequestBodyLimitLayer::new(
@@ -175,6 +170,6 @@ pub fn admin_router(db: PgPool) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeUuidV7))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
-                .layer(axum::middleware::from_fn(problem::render)),
+                .layer(around(problem::Render)),
         )
 }

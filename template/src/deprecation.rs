@@ -6,11 +6,14 @@
 //! `deprecated`. Deprecation changes no behaviour. The policy is in `docs/deprecation.md` and
 //! served at `/docs/deprecations`.
 
+use std::ops::ControlFlow;
+
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue};
-use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
+
+use crate::middleware::Around;
 
 pub struct Deprecated {
     pub method: &'static str,
@@ -40,21 +43,33 @@ pub fn find(method: &str, route: &str) -> Option<&'static Deprecated> {
         .find(|entry| entry.method.eq_ignore_ascii_case(method) && entry.route == route)
 }
 
-pub async fn add_headers(request: Request, next: Next) -> Response {
-    let entry = request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|route| find(request.method().as_str(), route.as_str()));
-    let mut response = next.run(request).await;
-    if let Some(entry) = entry {
-        let headers = response.headers_mut();
-        for (name, value) in header_values(entry) {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.append(name, value);
+/// The middleware: adds the headers to every response of a route in [`DEPRECATED`].
+#[derive(Debug, Clone, Copy)]
+pub struct AddHeaders;
+
+impl Around for AddHeaders {
+    type Carry = Option<&'static Deprecated>;
+
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, Self::Carry> {
+        ControlFlow::Continue(
+            request
+                .extensions()
+                .get::<MatchedPath>()
+                .and_then(|route| find(request.method().as_str(), route.as_str())),
+        )
+    }
+
+    fn after(entry: Self::Carry, mut response: Response) -> Response {
+        if let Some(entry) = entry {
+            let headers = response.headers_mut();
+            for (name, value) in header_values(entry) {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.append(name, value);
+                }
             }
         }
+        response
     }
-    response
 }
 
 fn header_values(entry: &Deprecated) -> [(HeaderName, String); 3] {

@@ -7,11 +7,14 @@
 //! variable and restart (a rolling restart, not a build). See `docs/kill-switch.md` for gradual
 //! rollout.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 
+use crate::middleware::Around;
 use crate::problem::{ErrorCode, Problem};
 
 /// One entry of `DISABLED_FEATURES`.
@@ -79,26 +82,44 @@ pub fn check_known(switches: &[Switch], routes: &[(String, String)]) -> Result<(
 /// How long clients are told to wait: features are switched back on by people, not in seconds.
 const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("60");
 
-pub async fn enforce(
-    State(switches): State<Arc<Vec<Switch>>>,
-    request: Request,
-) -> Result<Request, Problem> {
-    let off = request
-        .extensions()
-        .get::<MatchedPath>()
-        .is_some_and(|route| {
-            switches
-                .iter()
-                .any(|switch| switch.covers(request.method().as_str(), route.as_str()))
-        });
-    if off {
-        return Err(Problem::new(
-            ErrorCode::ServiceUnavailable,
-            "This feature is switched off for now; retry later.",
-        )
-        .with_header(header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+/// The middleware: answers 503 for every switched-off route, before anything else runs for it.
+#[derive(Debug, Clone)]
+pub struct Enforce {
+    switches: Arc<[Switch]>,
+}
+
+impl Enforce {
+    pub fn new(switches: &[Switch]) -> Self {
+        Enforce {
+            switches: switches.into(),
+        }
     }
-    Ok(request)
+}
+
+impl Around for Enforce {
+    type Carry = ();
+
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, ()> {
+        let off = request
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|route| {
+                self.switches
+                    .iter()
+                    .any(|switch| switch.covers(request.method().as_str(), route.as_str()))
+            });
+        if off {
+            return ControlFlow::Break(
+                Problem::new(
+                    ErrorCode::ServiceUnavailable,
+                    "This feature is switched off for now; retry later.",
+                )
+                .with_header(header::RETRY_AFTER, RETRY_AFTER_SECONDS)
+                .into_response(),
+            );
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 #[cfg(test)]

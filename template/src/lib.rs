@@ -27,6 +27,7 @@ pub mod jobs;
 pub mod keys;
 pub mod kill_switch;
 pub mod metrics;
+pub mod middleware;
 pub mod openapi;
 pub mod orders;
 pub mod overload;

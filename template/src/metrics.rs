@@ -134,7 +134,7 @@ fn describe() {
 }
 
 /// Records one request in the request-duration histogram, labelled by the matched route template.
-/// Called by the request log's layer (`request_log::log_request`), which already holds the
+/// Called by the request log's layer (`request_log::LogRequest`), which already holds the
 /// method, route and latency: a second layer timing the same request would cost every request a
 /// boxed future and a copy of the layers below it.
 pub fn record_request(method: &Method, route: String, status: StatusCode, elapsed: Duration) {

@@ -8,19 +8,24 @@
 //!
 //! The health probes are exempt: a pod that sheds load is busy, not dead, and must not be
 //! restarted (`/livez`) for it. That per-route exemption is why this is a small middleware over
-//! a semaphore and `tokio::time::timeout` rather than tower's `LoadShed`/`ConcurrencyLimit`/
-//! `Timeout` layers, which `Router::layer` would apply to every route alike.
+//! a semaphore and a timer rather than tower's `LoadShed`/`ConcurrencyLimit`/`Timeout` layers,
+//! which `Router::layer` would apply to every route alike.
 
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 
 use crate::config::HttpConfig;
+use crate::middleware::Around;
 use crate::problem::{ErrorCode, Problem};
 
 /// Routes that are never shed or timed out.
@@ -47,35 +52,58 @@ impl Overload {
     }
 }
 
-pub async fn guard(State(overload): State<Overload>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    if route.is_some_and(|route| EXEMPT_ROUTES.contains(&route)) {
-        return next.run(request).await;
+/// What a request that counts against the ceiling holds until its response is produced.
+pub struct Admitted {
+    /// Dropping it frees the slot.
+    _slot: OwnedSemaphorePermit,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl Around for Overload {
+    /// `None` for the exempt routes.
+    type Carry = Option<Admitted>;
+
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, Self::Carry> {
+        let route = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        if route.is_some_and(|route| EXEMPT_ROUTES.contains(&route)) {
+            return ControlFlow::Continue(None);
+        }
+        let upload = request.method() == Method::POST
+            && route.is_some_and(|route| UPLOAD_ROUTES.contains(&route));
+        let timeout = if upload {
+            self.upload_timeout
+        } else {
+            self.timeout
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return ControlFlow::Break(
+                Problem::new(
+                    ErrorCode::ServiceUnavailable,
+                    "The service is at capacity; retry shortly.",
+                )
+                .into_response(),
+            );
+        };
+        ControlFlow::Continue(Some(Admitted {
+            _slot: slot,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }))
     }
-    let upload = request.method() == Method::POST
-        && route.is_some_and(|route| UPLOAD_ROUTES.contains(&route));
-    let timeout = if upload {
-        overload.upload_timeout
-    } else {
-        overload.timeout
-    };
-    // Held until the response is produced; dropping it frees the slot.
-    let Ok(_slot) = overload.slots.clone().try_acquire_owned() else {
-        return Problem::new(
-            ErrorCode::ServiceUnavailable,
-            "The service is at capacity; retry shortly.",
+
+    fn interrupt(admitted: &mut Self::Carry, cx: &mut Context<'_>) -> Poll<Response> {
+        let Some(admitted) = admitted else {
+            return Poll::Pending;
+        };
+        ready!(admitted.deadline.as_mut().poll(cx));
+        Poll::Ready(
+            Problem::new(
+                ErrorCode::Timeout,
+                "The request took too long and was abandoned; retry later.",
+            )
+            .into_response(),
         )
-        .into_response();
-    };
-    match tokio::time::timeout(timeout, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => Problem::new(
-            ErrorCode::Timeout,
-            "The request took too long and was abandoned; retry later.",
-        )
-        .into_response(),
     }
 }

@@ -10,15 +10,17 @@
 //! the binary itself.
 
 use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
+
+use crate::middleware::Around;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -481,12 +483,36 @@ const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("1");
 /// Middleware that writes the problem document for every error response. It must wrap every other
 /// layer that can produce an error (routing, body limit, panic catcher) and sit inside the
 /// request-id layer.
-pub async fn render(request: Request, next: Next) -> Response {
-    // Cheap handles (reference-counted), turned into strings only when there is a problem to write.
-    let uri = request.uri().clone();
-    let request_id = request.extensions().get::<RequestId>().cloned();
+#[derive(Debug, Clone, Copy)]
+pub struct Render;
 
-    let mut response = next.run(request).await;
+/// What an error response's document needs of its request: cheap handles (reference-counted),
+/// turned into strings only when there is a problem to write.
+pub struct RequestOf {
+    uri: axum::http::Uri,
+    request_id: Option<RequestId>,
+}
+
+impl Around for Render {
+    type Carry = RequestOf;
+
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, RequestOf> {
+        ControlFlow::Continue(RequestOf {
+            uri: request.uri().clone(),
+            request_id: request.extensions().get::<RequestId>().cloned(),
+        })
+    }
+
+    fn after(request: RequestOf, response: Response) -> Response {
+        render(&request.uri, request.request_id.as_ref(), response)
+    }
+}
+
+fn render(
+    uri: &axum::http::Uri,
+    request_id: Option<&RequestId>,
+    mut response: Response,
+) -> Response {
     let (problem, from_handler) = match response.extensions_mut().remove::<Problem>() {
         Some(problem) => (problem, true),
         None if is_unrendered_error(&response) => {
@@ -508,7 +534,7 @@ pub async fn render(request: Request, next: Next) -> Response {
         None => return response,
     };
     let instance = uri.path();
-    let request_id = crate::request_id::text(request_id.as_ref());
+    let request_id = crate::request_id::text(request_id);
 
     if let Some(cause) = &problem.source {
         tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");

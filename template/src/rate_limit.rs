@@ -380,7 +380,7 @@ fn rejected(policy: &'static str, wait: Duration, detail: &'static str) -> Probl
 
 /// Applies `default` (and `writes` to writes) to every `/v1` route, keyed by the principal or,
 /// for anonymous calls, the client IP, and adds the RateLimit headers. Runs after
-/// `auth::identify` (a principal is known) and before `auth::require` (401s carry the headers).
+/// `auth::identify` (a principal is known) and before `auth::Require` (401s carry the headers).
 pub async fn enforce(
     State(limiter): State<Arc<RateLimiter>>,
     request: Request,

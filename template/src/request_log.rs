@@ -7,14 +7,16 @@
 //! Hand-written rather than tower-http's `TraceLayer` because that layer cannot see the matched
 //! route template or our error code, which are the fields worth searching on.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
+use axum::http::Method;
 use axum::response::Response;
-use tracing::Instrument;
+use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::middleware::Around;
 use crate::problem::ErrorCode;
 
 /// Route label for requests no route matched; a fixed value keeps log and metric labels bounded.
@@ -30,7 +32,7 @@ pub fn route_of(request: &Request) -> String {
 
 /// `{METHOD} {route}`, or only the method when no route matched, with unknown methods as `HTTP`,
 /// as the semantic conventions ask, so that clients cannot mint span names.
-fn span_name(method: &axum::http::Method, route: &str) -> String {
+fn span_name(method: &Method, route: &str) -> String {
     let method = match crate::metrics::method_label(method) {
         "_OTHER" => "HTTP",
         known => known,
@@ -42,17 +44,45 @@ fn span_name(method: &axum::http::Method, route: &str) -> String {
     }
 }
 
-pub async fn log_request(request: Request, next: Next) -> Response {
+/// The middleware: opens the request's span, and logs and counts the request when it is answered.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRequest;
+
+/// What the closing line and the metric need of the request.
+pub struct Open {
+    started: Instant,
+    method: Method,
+    route: String,
+    span: Span,
+}
+
+impl Around for LogRequest {
+    type Carry = Open;
+
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, Open> {
+        ControlFlow::Continue(open(request))
+    }
+
+    fn scope<R>(open: &Open, below: impl FnOnce() -> R) -> R {
+        open.span.in_scope(below)
+    }
+
+    fn after(open: Open, response: Response) -> Response {
+        close(open, response)
+    }
+}
+
+fn open(request: &Request) -> Open {
     let started = Instant::now();
     let method = request.method().clone();
-    let route = route_of(&request);
+    let route = route_of(request);
     // Error level, so that the span (and the request id it carries) exists at every log level:
     // with `RUST_LOG=warn` an info span would be disabled and warnings would lose their context.
     // The `otel.*` and `http.*` fields make it an OpenTelemetry server span named
     // `{METHOD} {route}` (semantic conventions) when traces are exported.
     let span = tracing::error_span!(
         "request",
-        request_id = crate::request_id::of(&request),
+        request_id = crate::request_id::of(request),
         method = %method,
         route = %route,
         // Recorded by `auth::identify` once the token is verified.
@@ -74,9 +104,23 @@ pub async fn log_request(request: Request, next: Next) -> Response {
     if let Some(trace_id) = span.in_scope(crate::telemetry::current_trace_id) {
         span.record("trace_id", trace_id);
     }
+    Open {
+        started,
+        method,
+        route,
+        span,
+    }
+}
 
-    let response = next.run(request).instrument(span.clone()).await;
-
+fn close(
+    Open {
+        started,
+        method,
+        route,
+        span,
+    }: Open,
+    response: Response,
+) -> Response {
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
     if response.status().is_server_error() {

@@ -6,7 +6,7 @@
 //! Prevents: logs that cannot be searched by field, and server errors nobody hears about. Each
 //! line is one JSON object; lines written during a request carry the request's span
 //! (`request_id`, `method`, `route`). Sentry events carry the same request id and the release,
-//! and are sent from the one place 500s are rendered (`problem::render`).
+//! and are sent from the one place 500s are rendered (`problem::Render`).
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;

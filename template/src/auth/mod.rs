@@ -1,7 +1,7 @@
 //! Authentication and authorization: who is calling (a verified bearer token), and default-deny.
 //!
 //! Prevents: the route someone adds next year without a guard. Authentication is middleware over
-//! the whole router ([`identify`] verifies the token, [`require`] denies by default), and the only
+//! the whole router ([`identify`] verifies the token, [`Require`] denies by default), and the only
 //! routes it lets through anonymously are the ones in [`PUBLIC_ROUTES`], matched by route
 //! template. Identity comes from the verified token alone, never from a header a client can set.
 
@@ -9,11 +9,15 @@ pub mod login;
 pub mod password;
 pub mod token;
 
+use std::ops::ControlFlow;
+
 use axum::extract::{FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
+use crate::middleware::Around;
 use crate::problem::{ErrorCode, Problem};
 use crate::users::Role;
 use token::TokenKeys;
@@ -61,7 +65,7 @@ impl Principal {
 }
 
 /// Handlers take `Principal` as an argument. It is present on every non-public route, because
-/// [`require`] rejected the request otherwise.
+/// [`Require`] rejected the request otherwise.
 impl<S: Send + Sync> FromRequestParts<S> for Principal {
     type Rejection = Problem;
 
@@ -83,7 +87,7 @@ fn unauthenticated() -> Problem {
 }
 
 /// Verifies the bearer token, if one is sent, and puts the [`Principal`] in the request. Rejects
-/// nothing itself: [`require`] does, after rate limiting has seen who is calling.
+/// nothing itself: [`Require`] does, after rate limiting has seen who is calling.
 pub fn identify(keys: &TokenKeys, mut request: Request) -> Request {
     if let Some(token) = bearer_token(&request) {
         match keys.verify(token) {
@@ -101,15 +105,22 @@ pub fn identify(keys: &TokenKeys, mut request: Request) -> Request {
 
 /// Default-deny: every route not in [`PUBLIC_ROUTES`] needs a principal, or answers 401.
 /// Requests that match no route pass through to the 404 fallback, which reveals nothing.
-pub async fn require(request: Request) -> Result<Request, Problem> {
-    let is_public = request
-        .extensions()
-        .get::<MatchedPath>()
-        .is_none_or(|route| PUBLIC_ROUTES.contains(&route.as_str()));
-    if is_public || request.extensions().get::<Principal>().is_some() {
-        Ok(request)
-    } else {
-        Err(unauthenticated())
+#[derive(Debug, Clone, Copy)]
+pub struct Require;
+
+impl Around for Require {
+    type Carry = ();
+
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, ()> {
+        let is_public = request
+            .extensions()
+            .get::<MatchedPath>()
+            .is_none_or(|route| PUBLIC_ROUTES.contains(&route.as_str()));
+        if is_public || request.extensions().get::<Principal>().is_some() {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(unauthenticated().into_response())
+        }
     }
 }
 
