@@ -192,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
         logins += task.await?;
     }
     println!(
-        "GET /v1/orders/{{id}} p99 during a login storm ({} logins/s, {} tasks): {:.2} ms, \
+        "GET /v1/orders/{{id}} p99 during a login storm ({:.1} logins/s, {} tasks): {:.2} ms, \
          without: {:.2} ms, ratio {:.2} (target ≤ 2)",
         logins as f64 / seconds.as_secs_f64(),
         concurrency / 4,

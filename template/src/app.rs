@@ -128,7 +128,7 @@ pub fn with_middleware(router: Router, state: &AppState, http: &HttpConfig) -> R
             // out and carries the RateLimit and Deprecation headers like any other answer.
             .layer(CatchPanicLayer::custom(problem::from_panic))
             // Steps that only add to the request and never answer are plain functions under
-            // tower's `map_request`.
+            // tower's `map_request`, which, like `around`, calls the layer below in line.
             .map_request({
                 let trusted = state.trusted_proxies.clone();
                 move |request| client_ip::resolve(&trusted, request)

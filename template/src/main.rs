@@ -12,7 +12,7 @@ use service::users::{self, Email, Role};
 use service::{db, jobs, server, shutdown, telemetry, worker};
 
 /// mimalloc rather than the system allocator. A request through the middleware stack allocates
-/// about a hundred times (boxed futures, header values, extensions) on whichever thread runs it;
+/// dozens of times (header values, extensions, strings) on whichever thread runs it;
 /// measured against glibc's allocator, the same build serves about 20% more reads a second
 /// (`docs/benchmarks.md`).
 #[global_allocator]

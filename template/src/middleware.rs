@@ -1,11 +1,11 @@
 //! Middleware that runs in line with the request: a step before the layers below it, a step on
-//! their response, and nothing allocated or cloned in between.
+//! their response, and nothing allocated or cloned by the plumbing in between.
 //!
 //! Prevents: a middleware stack whose plumbing costs more than its work. axum's `from_fn`, per
 //! request and per layer, clones every layer below it down to the handler, boxes that clone and
-//! boxes its own future; under load on a busy machine those clones (a reference count bumped on
-//! memory every core writes to) and allocations were a tenth of a cached read's throughput
-//! (`docs/benchmarks.md`). Most of the stack's steps do not need an `async fn` at all: they look
+//! boxes its own future. Under load on two cores, a build with every layer's work skipped, only
+//! that plumbing left, still served reads at 85% of a bare handler's rate (`docs/benchmarks.md`,
+//! "Fewer boxed layers"). Most of the stack's steps do not need an `async fn` at all: they look
 //! at the request, perhaps answer it at once, and look at the response. [`Around`] is that shape;
 //! its one tower service calls the layer below directly and returns a future it can name.
 //!
@@ -25,7 +25,12 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 /// One middleware step. `before` sees the request on its way down, `after` the response on its
-/// way up; what the first learns for the second travels in [`Around::Carry`].
+/// way up. They are plain functions: nothing a step does can wait (a step that must is an axum
+/// `from_fn`).
+///
+/// Only `before` takes `&self`: the service keeps the step, its future does not (that would be a
+/// clone per request), so whatever `after`, `scope` and `interrupt` need of the step or the
+/// request travels in [`Around::Carry`].
 pub trait Around: Clone + Send + Sync + 'static {
     /// What the request leaves for its response: a start time, the matched route, a permit.
     type Carry: Send + 'static;
@@ -34,21 +39,24 @@ pub trait Around: Clone + Send + Sync + 'static {
     /// they never see it, and `after` does not run.
     fn before(&self, request: &mut Request) -> ControlFlow<Response, Self::Carry>;
 
-    /// Changes the response on its way out: the layers' below, or `interrupt`'s.
+    /// Changes the response on its way out: that of the layers below, or `interrupt`'s.
     fn after(carry: Self::Carry, response: Response) -> Response {
         let _ = carry;
         response
     }
 
-    /// Runs the layers below: their call and each poll of their future. Override to run them in
-    /// a tracing span.
+    /// Runs the layers below: their call, each poll of their future, and its drop. For a tracing
+    /// span: every line logged below, and `Span::current()` (where `auth::identify` records the
+    /// caller), must find the request's span. `before`, `after` and `interrupt` run outside it.
     fn scope<R>(carry: &Self::Carry, below: impl FnOnce() -> R) -> R {
         let _ = carry;
         below()
     }
 
     /// Asked each time the layers below are not done yet: an answer in their place (a deadline
-    /// passed; their future is dropped with this one), or `Pending` to keep waiting.
+    /// passed), after which they are dropped, or `Pending` to keep waiting. Like any poll, a
+    /// `Pending` must have registered `cx`'s waker for what it waits on; poll a timer through
+    /// `tokio::task::coop::unconstrained`, or a handler that spends its task's budget hides it.
     fn interrupt(carry: &mut Self::Carry, cx: &mut Context<'_>) -> Poll<Response> {
         let _ = (carry, cx);
         Poll::Pending
@@ -99,14 +107,14 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         match self.step.before(&mut request) {
-            ControlFlow::Continue(carry) => {
-                let below = A::scope(&carry, || self.inner.call(request));
-                AroundFuture::Below {
-                    below,
-                    carry: Some(carry),
-                }
-            }
-            ControlFlow::Break(answer) => AroundFuture::Answered {
+            ControlFlow::Continue(carry) => AroundFuture {
+                below: Some(A::scope(&carry, || self.inner.call(request))),
+                carry: Some(carry),
+                answer: None,
+            },
+            ControlFlow::Break(answer) => AroundFuture {
+                below: None,
+                carry: None,
                 answer: Some(answer),
             },
         }
@@ -114,10 +122,23 @@ where
 }
 
 pin_project! {
-    #[project = Projection]
-    pub enum AroundFuture<A: Around, F> {
-        Below { #[pin] below: F, carry: Option<A::Carry> },
-        Answered { answer: Option<Response> },
+    /// The response of the layers below, or `before`'s own answer.
+    pub struct AroundFuture<A: Around, F> {
+        #[pin]
+        below: Option<F>,
+        carry: Option<A::Carry>,
+        answer: Option<Response>,
+    }
+
+    // A request abandoned before its answer (the client went away) drops the layers below in
+    // scope too, as a finished one does: whatever their drop logs belongs to the request.
+    impl<A: Around, F> PinnedDrop for AroundFuture<A, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if let Some(carry) = this.carry.as_ref() {
+                A::scope(carry, || this.below.set(None));
+            }
+        }
     }
 }
 
@@ -132,21 +153,22 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         const POLLED_AFTER_READY: &str = "a middleware future was polled after it finished";
-        match self.project() {
-            Projection::Answered { answer } => {
-                Poll::Ready(Ok(answer.take().expect(POLLED_AFTER_READY)))
-            }
-            Projection::Below { below, carry } => {
-                let state = carry.as_mut().expect(POLLED_AFTER_READY);
-                let response = match A::scope(state, || below.poll(cx)) {
-                    Poll::Ready(Ok(response)) => response.map(Body::new),
-                    Poll::Ready(Err(never)) => match never {},
-                    Poll::Pending => ready!(A::interrupt(state, cx)),
-                };
-                let carry = carry.take().expect(POLLED_AFTER_READY);
-                Poll::Ready(Ok(A::after(carry, response)))
-            }
+        let mut this = self.project();
+        if let Some(answer) = this.answer.take() {
+            return Poll::Ready(Ok(answer));
         }
+        let carry = this.carry.as_mut().expect(POLLED_AFTER_READY);
+        let below = this.below.as_mut().as_pin_mut().expect(POLLED_AFTER_READY);
+        let response = match A::scope(carry, || below.poll(cx)) {
+            Poll::Ready(Ok(response)) => response.map(Body::new),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => ready!(A::interrupt(carry, cx)),
+        };
+        let carry = this.carry.take().expect(POLLED_AFTER_READY);
+        // Done with the layers below (an interrupted handler too): dropped now, in scope, so
+        // what they hold (a connection, a permit) is free before the response goes on.
+        A::scope(&carry, || this.below.set(None));
+        Poll::Ready(Ok(A::after(carry, response)))
     }
 }
 
@@ -163,6 +185,8 @@ mod tests {
 
     thread_local! {
         static IN_SCOPE: Cell<bool> = const { Cell::new(false) };
+        /// Set when the layer below's future is dropped: `Some(in scope or not)`.
+        static BELOW_DROPPED: Cell<Option<bool>> = const { Cell::new(None) };
     }
 
     /// Refuses `/refused`, marks what it lets through, and gives the layer below 50 ms.
@@ -180,8 +204,14 @@ mod tests {
         }
 
         fn after(_: Self::Carry, mut response: Response) -> Response {
-            let marked = HeaderValue::from_static("yes");
-            response.headers_mut().insert("x-after", marked);
+            let dropped = match BELOW_DROPPED.get() {
+                Some(true) => "in scope",
+                Some(false) => "outside",
+                None => "no",
+            };
+            let headers = response.headers_mut();
+            headers.insert("x-after", HeaderValue::from_static("yes"));
+            headers.insert("x-below-dropped", HeaderValue::from_static(dropped));
             response
         }
 
@@ -193,20 +223,34 @@ mod tests {
         }
 
         fn interrupt(deadline: &mut Self::Carry, cx: &mut Context<'_>) -> Poll<Response> {
-            ready!(deadline.as_mut().poll(cx));
+            let deadline = deadline.as_mut();
+            ready!(Pin::new(&mut tokio::task::coop::unconstrained(deadline)).poll(cx));
             Poll::Ready(StatusCode::SERVICE_UNAVAILABLE.into_response())
         }
     }
 
-    /// Behind the step: answers at once, or never for `/slow`, and says whether its call and its
-    /// future ran inside the step's scope.
+    struct DropFlag;
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            BELOW_DROPPED.set(Some(IN_SCOPE.get()));
+        }
+    }
+
+    /// Behind the step: answers after one yield, or never for `/slow` (spending its task's
+    /// budget on every poll), and says whether its call and its later poll ran in scope.
     async fn send(path: &str) -> Response {
+        BELOW_DROPPED.set(None);
         let below = tower::service_fn(|request: Request| {
             let called_in_scope = IN_SCOPE.get();
             let slow = request.uri().path() == "/slow";
             async move {
+                let _flag = DropFlag;
+                tokio::task::yield_now().await;
                 if slow {
-                    std::future::pending::<()>().await;
+                    loop {
+                        tokio::task::coop::consume_budget().await;
+                    }
                 }
                 let polled_in_scope = IN_SCOPE.get();
                 let body = format!("{called_in_scope} {polled_in_scope}");
@@ -230,7 +274,12 @@ mod tests {
         let response = send("/").await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-after"], "yes");
-        assert_eq!(text(response).await, "true true", "call and poll in scope");
+        assert_eq!(response.headers()["x-below-dropped"], "in scope");
+        assert_eq!(
+            text(response).await,
+            "true true",
+            "call and later poll in scope"
+        );
     }
 
     #[tokio::test]
@@ -238,6 +287,7 @@ mod tests {
         let response = send("/refused").await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN);
         assert!(response.headers().get("x-after").is_none());
+        assert_eq!(BELOW_DROPPED.get(), None, "never called");
         assert_eq!(text(response).await, "");
     }
 
@@ -245,8 +295,13 @@ mod tests {
     async fn an_interrupt_answers_in_place_of_a_layer_below_that_never_finishes() {
         let response = tokio::time::timeout(Duration::from_secs(10), send("/slow"))
             .await
-            .expect("the interrupt answers");
+            .expect("the interrupt answers, though the layer below spends every budget");
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()["x-after"], "yes", "after sees it too");
+        assert_eq!(
+            response.headers()["x-below-dropped"],
+            "in scope",
+            "the abandoned layer below is dropped before after runs"
+        );
     }
 }

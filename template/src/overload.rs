@@ -97,7 +97,10 @@ impl Around for Overload {
         let Some(admitted) = admitted else {
             return Poll::Pending;
         };
-        ready!(admitted.deadline.as_mut().poll(cx));
+        // Unconstrained: a handler that spends the task's tokio budget on every poll (a long run
+        // of ready socket reads) would otherwise see the timer answer `Pending` and never time out.
+        let deadline = admitted.deadline.as_mut();
+        ready!(Pin::new(&mut tokio::task::coop::unconstrained(deadline)).poll(cx));
         Poll::Ready(
             Problem::new(
                 ErrorCode::Timeout,
@@ -105,5 +108,51 @@ impl Around for Overload {
             )
             .into_response(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::middleware::around;
+
+    #[tokio::test]
+    async fn a_handler_that_spends_every_budget_still_times_out_and_frees_its_slot() {
+        let http = HttpConfig {
+            max_body_bytes: 1024,
+            request_timeout: Duration::from_millis(50),
+            upload_timeout: Duration::from_millis(50),
+            max_concurrent_requests: 1,
+            cors_allowed_origins: Vec::new(),
+            hsts_max_age: None,
+            disabled: Vec::new(),
+        };
+        // `/busy` never finishes and never lets its task's budget go unspent, like a handler
+        // reading a long run of ready socket data; anything else answers at once.
+        let handler = tower::service_fn(|request: Request| async move {
+            while request.uri().path() == "/busy" {
+                tokio::task::coop::consume_budget().await;
+            }
+            Ok::<_, Infallible>(StatusCode::OK.into_response())
+        });
+        let service = ServiceBuilder::new()
+            .layer(around(Overload::new(&http)))
+            .service(handler);
+        let send = |path: &'static str| {
+            let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+            let answer = service.clone().oneshot(request);
+            async { tokio::time::timeout(Duration::from_secs(10), answer).await }
+        };
+
+        let timed_out = send("/busy").await.expect("the deadline fires").unwrap();
+        assert_eq!(timed_out.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let next = send("/").await.expect("answers").unwrap();
+        assert_eq!(next.status(), StatusCode::OK, "the only slot is free again");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Prevents: clients that must parse five error shapes (axum's plain-text rejections, empty 405s,
 //! tower-http's 413, a panic's dropped connection, our own JSON), and 500 bodies that leak SQL or
-//! stack traces. Handlers return `Result<_, Problem>`; the [`render`] middleware turns every error
+//! stack traces. Handlers return `Result<_, Problem>`; the [`Render`] middleware turns every error
 //! response, ours or the framework's, into the same document carrying the request id, and logs the
 //! cause of 5xx errors under that id.
 //!
@@ -344,7 +344,7 @@ pub struct ProblemDocument {
 }
 
 /// The service's error type. Build one with a constructor, return it from a handler, and the
-/// [`render`] middleware does the rest.
+/// [`Render`] middleware does the rest.
 #[derive(Debug, Clone)]
 pub struct Problem {
     code: ErrorCode,
@@ -460,7 +460,7 @@ impl From<sqlx::Error> for Problem {
 }
 
 impl IntoResponse for Problem {
-    /// The body is written by [`render`], which knows the request id and path; here the problem
+    /// The body is written by [`Render`], which knows the request id and path; here the problem
     /// only travels in the response extensions.
     fn into_response(self) -> Response {
         let mut response = self.code.status().into_response();
@@ -473,7 +473,7 @@ impl IntoResponse for Problem {
 }
 
 /// Put in a response's extensions by a handler whose error status comes with its own,
-/// documented JSON body (the 503 health report), so that [`render`] leaves it alone.
+/// documented JSON body (the 503 health report), so that [`Render`] leaves it alone.
 #[derive(Debug, Clone, Copy)]
 pub struct OwnErrorBody;
 
@@ -488,27 +488,27 @@ pub struct Render;
 
 /// What an error response's document needs of its request: cheap handles (reference-counted),
 /// turned into strings only when there is a problem to write.
-pub struct RequestOf {
+pub struct ProblemContext {
     uri: axum::http::Uri,
     request_id: Option<RequestId>,
 }
 
 impl Around for Render {
-    type Carry = RequestOf;
+    type Carry = ProblemContext;
 
-    fn before(&self, request: &mut Request) -> ControlFlow<Response, RequestOf> {
-        ControlFlow::Continue(RequestOf {
+    fn before(&self, request: &mut Request) -> ControlFlow<Response, ProblemContext> {
+        ControlFlow::Continue(ProblemContext {
             uri: request.uri().clone(),
             request_id: request.extensions().get::<RequestId>().cloned(),
         })
     }
 
-    fn after(request: RequestOf, response: Response) -> Response {
-        render(&request.uri, request.request_id.as_ref(), response)
+    fn after(context: ProblemContext, response: Response) -> Response {
+        write_problem(&context.uri, context.request_id.as_ref(), response)
     }
 }
 
-fn render(
+fn write_problem(
     uri: &axum::http::Uri,
     request_id: Option<&RequestId>,
     mut response: Response,
@@ -602,7 +602,7 @@ pub async fn not_found() -> Problem {
 }
 
 /// Turns a panic caught by `CatchPanicLayer` into a 500 problem; the panic message is logged by
-/// [`render`] under the request id and never sent.
+/// [`Render`] under the request id and never sent.
 pub fn from_panic(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let message = panic
         .downcast_ref::<String>()
