@@ -82,7 +82,8 @@ pub fn check_known(switches: &[Switch], routes: &[(String, String)]) -> Result<(
 /// How long clients are told to wait: features are switched back on by people, not in seconds.
 const RETRY_AFTER_SECONDS: HeaderValue = HeaderValue::from_static("60");
 
-/// The middleware: answers 503 for every switched-off route, before the body limits and the handler.
+/// The middleware: answers 503 for every switched-off route, before the body limits and the
+/// handler.
 #[derive(Debug, Clone)]
 pub struct Enforce {
     switches: Arc<[Switch]>,

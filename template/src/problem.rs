@@ -504,15 +504,11 @@ impl Around for Render {
     }
 
     fn after(context: ProblemContext, response: Response) -> Response {
-        write_problem(&context.uri, context.request_id.as_ref(), response)
+        write_problem(&context, response)
     }
 }
 
-fn write_problem(
-    uri: &axum::http::Uri,
-    request_id: Option<&RequestId>,
-    mut response: Response,
-) -> Response {
+fn write_problem(request: &ProblemContext, mut response: Response) -> Response {
     let (problem, from_handler) = match response.extensions_mut().remove::<Problem>() {
         Some(problem) => (problem, true),
         None if is_unrendered_error(&response) => {
@@ -533,8 +529,8 @@ fn write_problem(
         }
         None => return response,
     };
-    let instance = uri.path();
-    let request_id = crate::request_id::text(request_id);
+    let instance = request.uri.path();
+    let request_id = crate::request_id::text(request.request_id.as_ref());
 
     if let Some(cause) = &problem.source {
         tracing::error!(error = ?cause, code = problem.code.as_str(), "request failed");
