@@ -435,6 +435,26 @@ async fn bad_uploads_are_refused_in_the_request(db: PgPool) {
 }
 
 #[sqlx::test]
+async fn a_stored_upload_is_compressed_with_lz4(db: PgPool) {
+    // No workers: the file stays stored.
+    let app = TestApp::spawn_with(with_job_queue(db.clone()).await, import_config(&[])).await;
+    let (_, token) = app.token_for(Role::Customer).await;
+    // 500 rows, about 14 kB: Postgres leaves values under about 2 kB uncompressed.
+    let response = upload(&app, &token, csv(100, 5), "large").await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let methods: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT pg_column_compression(data) FROM import_files")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        methods,
+        [Some("lz4".to_owned())],
+        "pglz, Postgres' default, took most of a large upload's time"
+    );
+}
+
+#[sqlx::test]
 async fn a_retried_upload_replays_and_the_cap_on_active_imports_holds(db: PgPool) {
     // No workers: imports stay queued.
     let app = TestApp::spawn_with(
