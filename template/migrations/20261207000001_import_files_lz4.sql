@@ -3,6 +3,12 @@
 -- but pglz spends about 19 ms of one core on every 1 MiB chunk the upload writes, lz4 about
 -- 3 ms: pglz was most of the time `POST /v1/imports` takes for a large file.
 -- Applies to chunks written from now on; chunks already stored keep pglz and read as before.
--- Needs a server built with lz4, as the PostgreSQL packages of Debian, Ubuntu and the official
--- container images are, and managed services of version 14 and later.
+-- The table is not rewritten, but the change takes an ACCESS EXCLUSIVE lock on `import_files`
+-- for an instant: it waits for transactions that use the table (an upload writing a chunk, a
+-- worker reading one) and holds up new ones while it waits. On a busy service, run it with a
+-- `lock_timeout` and retry.
+-- Needs a server built with lz4, as the PostgreSQL packages of Debian and Ubuntu and the official
+-- container images are; elsewhere it fails with "compression method lz4 not supported" (check a
+-- managed service with `CREATE TABLE t (b bytea COMPRESSION lz4)`). Without lz4, delete this file
+-- and the test that checks it, `a_stored_upload_is_compressed_with_lz4`.
 ALTER TABLE import_files ALTER COLUMN data SET COMPRESSION lz4;
