@@ -55,8 +55,8 @@ pub trait Around: Clone + Send + Sync + 'static {
 
     /// Asked each time the layers below are not done yet: an answer in their place (a deadline
     /// passed), after which they are dropped, or `Pending` to keep waiting. Like any poll, a
-    /// `Pending` must have registered `cx`'s waker for what it waits on; poll a timer through
-    /// `tokio::task::coop::unconstrained`, or a handler that spends its task's budget hides it.
+    /// `Pending` must have registered `cx`'s waker for what it waits on. It is asked outside
+    /// tokio's task budget, so a timer polled here fires even when the layers below spend it.
     fn interrupt(carry: &mut Self::Carry, cx: &mut Context<'_>) -> Poll<Response> {
         let _ = (carry, cx);
         Poll::Pending
@@ -162,7 +162,13 @@ where
         let response = match A::scope(carry, || below.poll(cx)) {
             Poll::Ready(Ok(response)) => response.map(Body::new),
             Poll::Ready(Err(never)) => match never {},
-            Poll::Pending => ready!(A::interrupt(carry, cx)),
+            // Outside tokio's task budget, as `tokio::time::timeout` polls its timer: a handler
+            // that spends the budget on every poll (a long run of ready socket reads) would
+            // otherwise make every deadline answer `Pending`, and never time out.
+            Poll::Pending => {
+                let interrupt = std::future::poll_fn(|cx| A::interrupt(carry, cx));
+                ready!(Pin::new(&mut tokio::task::coop::unconstrained(interrupt)).poll(cx))
+            }
         };
         let carry = this.carry.take().expect(POLLED_AFTER_READY);
         // Done with the layers below (an interrupted handler too): dropped now, in scope, so
@@ -223,8 +229,7 @@ mod tests {
         }
 
         fn interrupt(deadline: &mut Self::Carry, cx: &mut Context<'_>) -> Poll<Response> {
-            let deadline = deadline.as_mut();
-            ready!(Pin::new(&mut tokio::task::coop::unconstrained(deadline)).poll(cx));
+            ready!(deadline.as_mut().poll(cx));
             Poll::Ready(StatusCode::SERVICE_UNAVAILABLE.into_response())
         }
     }

@@ -97,10 +97,9 @@ impl Around for Overload {
         let Some(admitted) = admitted else {
             return Poll::Pending;
         };
-        // Unconstrained: a handler that spends the task's tokio budget on every poll (a long run
-        // of ready socket reads) would otherwise see the timer answer `Pending` and never time out.
-        let deadline = admitted.deadline.as_mut();
-        ready!(Pin::new(&mut tokio::task::coop::unconstrained(deadline)).poll(cx));
+        // Polled outside the task's budget (`middleware::Around::interrupt`), so it fires even
+        // under a handler that spends the budget on every poll.
+        ready!(admitted.deadline.as_mut().poll(cx));
         Poll::Ready(
             Problem::new(
                 ErrorCode::Timeout,
